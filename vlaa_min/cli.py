@@ -1,0 +1,80 @@
+"""Command-line flags derived from a script's config dataclass (one source of truth).
+
+Every script (train_sft.py, train_grpo.py, eval.py, ...) keeps its settings in one dataclass. This module turns
+that dataclass into argparse flags -- one `--field-name` per field, typed from the annotation, with the help text
+taken from the field's `metadata["help"]` -- and back, and saves the resolved config next to the run.
+
+    @dataclass
+    class Config:
+        lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    cfg = parse_config(Config)          # python script.py --lr 3e-5
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+
+
+def str_to_bool(text: str) -> bool:
+    """Real bool parsing: `--flag false` must mean False (argparse's type=bool would make it True)."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _flag_type(annotation):
+    """The argparse `type` for a field annotation; Optional[X] and `X | None` parse as X ('none' gives None)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args and len(args) < len(typing.get_args(annotation)):  # an Optional: accept 'none'
+        inner = _flag_type(args[0])
+        return lambda text: None if text.strip().lower() in ("none", "null", "") else inner(text)
+    if annotation is bool:
+        return str_to_bool
+    if annotation in (int, float, str):
+        return annotation
+    raise TypeError(f"unsupported config field type {annotation!r}: use bool, int, float, str or Optional of one")
+
+
+def build_parser(config_cls, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=_flag_type(hints[field.name]),
+            default=default,
+            metavar=hints[field.name].__name__.upper() if hasattr(hints[field.name], "__name__") else "VALUE",
+            help=field.metadata.get("help", " "),
+        )
+    return parser
+
+
+def parse_config(config_cls, argv: list[str] | None = None, description: str | None = None):
+    """Parse argv into an instance of config_cls (runs its __post_init__ checks)."""
+    args = build_parser(config_cls, description).parse_args(argv)
+    return config_cls(**vars(args))
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def print_config(config) -> None:
+    print(f"{type(config).__name__}:")
+    for key, value in config_to_dict(config).items():
+        print(f"  {key:<28} {value!r}")
+
+
+def save_config(config, path: str) -> None:
+    """Write the resolved config as JSON (atomically: a crash never leaves a half-written file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config_to_dict(config), f, indent=2)
+    os.replace(tmp, path)
