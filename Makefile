@@ -9,7 +9,25 @@ STAMP  := $(VENV)/.installed
 # (or any torch already installed in $(VENV) is kept as it is).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-slow clean
+# Where the toy world and the runs live; MODEL / DATA / IMAGES switch a target to a real checkpoint and data set.
+TOY    ?= toy
+RUNS   ?= runs
+MODEL  ?=
+DATA   ?=
+IMAGES ?=
+TRACES ?= clean
+ARGS   ?=
+
+# The toy "instruct" base: a fixed budget, the same for every experiment (README: what it reaches).
+BASE_ARGS ?= --steps 400 --batch-size 32 --micro-batch-size 32 --lr 3e-3 --warmup-ratio 0.05 --freeze-vision false \
+             --eval-every 100
+# SFT on the toy reasoning traces, from the base.
+SFT_ARGS  ?= --steps 150 --batch-size 32 --micro-batch-size 16 --lr 1e-3 --freeze-vision false --eval-every 50
+# The paper's GRPO configuration (OpenRLHF defaults where the paper is silent) for real checkpoints on one GPU.
+PAPER_GRPO_ARGS ?= --prompts-per-step 512 --group-size 4 --train-batch-size 256 --micro-batch-size 8 --steps 49 \
+                   --max-new-tokens 1024 --lr 5e-6 --kl-init 1e-3 --kl-target 5e-4 --eval-data none --save-every 5
+
+.PHONY: install test test-slow data base sft grpo eval plot clean
 
 install: $(STAMP)
 
@@ -26,6 +44,42 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+data: $(TOY)/world.json
+
+$(TOY)/world.json: toyworld.py | $(STAMP)
+	$(PY) toyworld.py --out $(TOY)
+
+$(RUNS)/toy-init/config.json: $(TOY)/world.json vlaa_min/toy_model.py | $(STAMP)
+	$(PY) -m vlaa_min.toy_model --data $(TOY) --out $(RUNS)/toy-init
+
+base: $(RUNS)/base/model/config.json
+
+$(RUNS)/base/model/config.json: $(RUNS)/toy-init/config.json
+	$(PY) train_sft.py --model $(RUNS)/toy-init --data $(TOY)/base.json --images $(TOY)/images \
+	  --out $(RUNS)/base $(BASE_ARGS)
+
+ifeq ($(TRACES),pseudo)
+SFT_DATA := $(TOY)/sft_pseudo.json
+else
+SFT_DATA := $(TOY)/sft.json
+endif
+
+ifneq ($(MODEL),)
+sft: $(STAMP)
+	$(PY) train_sft.py --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/sft $(ARGS)
+
+grpo: $(STAMP)
+	$(PY) train_grpo.py --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/grpo $(PAPER_GRPO_ARGS) $(ARGS)
+else
+sft: $(RUNS)/base/model/config.json
+	$(PY) train_sft.py --model $(RUNS)/base/model --data $(SFT_DATA) --images $(TOY)/images \
+	  --out $(RUNS)/sft-$(TRACES) $(SFT_ARGS) $(ARGS)
+
+grpo: $(RUNS)/base/model/config.json
+	$(PY) train_grpo.py --model $(RUNS)/base/model --data $(TOY)/rl.json --images $(TOY)/images \
+	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo $(ARGS)
+endif
 
 clean:
 	rm -rf runs toy .pytest_cache

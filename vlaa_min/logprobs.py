@@ -73,3 +73,36 @@ def sequence_logprobs(
     entropy_full = torch.zeros_like(logp)
     entropy_full[:, 1:] = entropy_full[:, 1:].masked_scatter(predicting, entropy)
     return logp, entropy_full
+
+
+def completion_logprobs(
+    model,
+    prompts,  # PromptBatch: left-padded prompts (n, Tp), on the model's device
+    completion_ids: torch.Tensor,  # (n, L) right padded
+    completion_lengths: torch.Tensor,  # (n,) stop token included
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Re-score completions with one forward over prompt + completion: (n, L) log-probs (0 past each length).
+
+    The completion continues the prompt's MRoPE positions (every text token has t = h = w), so its position ids
+    are next_position + 0, 1, 2, ... on all three axes, exactly as the generation engine assigned them.
+    """
+    from vlaa_min.rope import next_position_ids
+
+    n, length = completion_ids.shape
+    steps = torch.arange(length, device=completion_ids.device)
+    completion_mask = steps[None, :] < completion_lengths[:, None]  # (n, L)
+    input_ids = torch.cat([prompts.input_ids, completion_ids], dim=1)  # (n, Tp + L)
+    attention_mask = torch.cat([prompts.attention_mask, completion_mask], dim=1)
+    start = next_position_ids(prompts.position_ids, prompts.attention_mask)  # (n,)
+    completion_positions = (start[:, None] + steps[None, :]).expand(3, n, length)  # (3, n, L)
+    position_ids = torch.cat([prompts.position_ids, completion_positions], dim=2)
+    hidden = model(input_ids, position_ids, attention_mask, prompts.pixel_values, prompts.image_grid_thw,
+                   return_hidden=True)  # (n, Tp + L, D)
+    target_mask = torch.cat([torch.zeros_like(prompts.attention_mask), completion_mask], dim=1)
+    logp, entropy = sequence_logprobs(hidden, input_ids, target_mask, model.lm_head, temperature, chunk_size,
+                                      with_entropy)
+    prompt_width = prompts.input_ids.shape[1]
+    return logp[:, prompt_width:], (entropy[:, prompt_width:] if entropy is not None else None)

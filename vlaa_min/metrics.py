@@ -1,0 +1,64 @@
+"""Run metrics: one JSON object per step in metrics.jsonl, and a PNG of the curves.
+
+The JSONL file is the source of truth for every plot and table; it is appended and flushed line by line, so a
+crash loses at most the step in flight, and on resume the lines past the resumed step are dropped (they belong to
+work that the checkpoint does not contain).
+"""
+
+import json
+import math
+import os
+
+
+class MetricsLogger:
+    def __init__(self, path: str, resume_step: int | None = None):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if resume_step is None:
+            open(path, "w").close()
+        else:
+            kept = [row for row in read_metrics(path) if row.get("step", 0) <= resume_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in kept)
+            os.replace(path + ".tmp", path)
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str = "") -> str:
+    """Plot `keys` (one panel each) against step for every run {label: metrics.jsonl path}; returns out_png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(len(keys), 2)
+    rows = math.ceil(len(keys) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, path in runs.items():
+            points = [(row["step"], row[key]) for row in read_metrics(path) if row.get(key) is not None]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=label, linewidth=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,69 @@
+"""The toy world's starting checkpoint: a tokenizer trained on the toy texts and a tiny random Qwen2.5-VL.
+
+No weights can be downloaded here, so the embedded default starts from scratch: a byte-level BPE trained on every
+text of the toy world (questions, answers, traces, the system prompt) with Qwen's special tokens, and a ~1M
+parameter Qwen2.5-VL-shaped model (ModelConfig.tiny) with random weights. Both are written as one directory laid
+out exactly like a real Qwen checkpoint (config.json, model.safetensors, tokenizer files,
+preprocessor_config.json), so the toy model and Qwen2.5-VL-3B load through the same functions. `make base` then
+trains it into the toy "instruct" base with train_sft.py.
+
+    python -m vlaa_min.toy_model --data toy --out runs/toy-init
+"""
+
+import argparse
+import glob
+import json
+import os
+
+import torch
+
+from vlaa_min.model import ModelConfig, VLModel
+from vlaa_min.processor import SYSTEM_PROMPT, Processor
+from vlaa_min.tokenizer import build_tokenizer, special_token_ids
+
+
+def corpus_texts(data_dir: str) -> list[str]:
+    """Every text a toy model reads or writes: the system prompt and each record's question and targets."""
+    texts = [SYSTEM_PROMPT]
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.json"))):
+        with open(path) as f:
+            records = json.load(f)
+        if not isinstance(records, list):
+            continue  # the world.json manifest
+        for record in records:
+            meta = record.get("meta", {})
+            texts += [record["question"], record["gt"], record.get("answer", ""),
+                      meta.get("direct_answer", ""), meta.get("pseudo_answer", "")]
+    return [t for t in texts if t]
+
+
+def build_toy_checkpoint(out: str, data_dir: str, model_type: str = "qwen2_5_vl", vocab_size: int = 1024,
+                         seed: int = 0, **overrides) -> str:
+    texts = corpus_texts(data_dir)
+    if len(texts) < 2:
+        raise FileNotFoundError(f"no toy records under {data_dir}: run `make data` (python toyworld.py) first")
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    ids = special_token_ids(tokenizer)
+    config = ModelConfig.tiny(model_type=model_type, vocab_size=len(tokenizer), **ids, **overrides)
+    torch.manual_seed(seed)
+    model = VLModel(config)
+    model.save_pretrained(out)
+    Processor(tokenizer).save_pretrained(out)
+    print(f"wrote {out}: {model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"vocabulary {len(tokenizer)} (trained on {len(texts)} toy texts)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="toy", help="toy world directory (its *.json records train the tokenizer)")
+    parser.add_argument("--out", default="runs/toy-init", help="checkpoint directory to write")
+    parser.add_argument("--model-type", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--vocab-size", type=int, default=1024, help="upper bound of the BPE vocabulary")
+    parser.add_argument("--seed", type=int, default=0, help="weight init seed")
+    args = parser.parse_args()
+    build_toy_checkpoint(args.out, args.data, args.model_type, args.vocab_size, args.seed)
+
+
+if __name__ == "__main__":
+    main()
