@@ -1,0 +1,668 @@
+"""The mixed reward of VLAA-Thinking: one reward in [0, 1] per (response, sample), picked by the sample's type.
+
+A sample is a dataset record (a dict): "verifier_type" (or a source to infer it from), "gt", optional "question",
+"meta", "id". A response is the model's raw text. Nothing here raises on model output; bad *samples* raise a
+ValueError naming the record id and the field.
+
+Rules (one line each; "[ours]" marks a choice the paper does not state):
+- format: the answer is the text of exactly one <answer>...</answer> block (tags matched case-insensitively [ours]);
+  zero, several, nested or unclosed blocks give 0 ("format"), an empty block gives 0 ("empty"). There is no separate
+  format term (the paper's implicit format reward). With require_think [ours, off by default] exactly one
+  <think>...</think> must also come before the answer block. Text outside the blocks is ignored.
+- digit: the answer must hold numbers of a single value, equal to gt exactly (Decimal arithmetic, so "3", "3.0",
+  "03", " 3 " all pass and a 100,000-digit number costs about a millisecond); different numbers give 0
+  ("ambiguous") [ours].
+  Any Unicode decimal digit counts (fullwidth "３", Arabic-Indic "٣") [ours]; "1,000" is one thousand [ours];
+  number words zero..twenty count only when the answer has no digits at all [ours]; no scientific notation.
+- mcq: the answer must name exactly one option letter A-H: "B", "B)", "(b)", "B. text", "option B", "The answer is B",
+  "\\boxed{B}"; naming two letters gives 0 ("ambiguous"). A capital "A" followed by a lower-case word is read as the
+  article, lower-case letters count only in "(b)", "b)" / "b." at the start, or after "option"/"choice" [ours].
+  If gt is option text instead of a letter it is mapped to its letter through the options listed in the question;
+  if that fails the answer must equal the gt text (case, spaces, "$" and a final "." ignored) [ours]. An answer
+  that is exactly one option's text counts as that option's letter [ours].
+- math: symbolic equivalence with gt by math_verify (parse + verify; answers without LaTeX delimiters are wrapped in
+  $...$ so plain "x+1" parses as an expression [ours]); several \\boxed{} or a list make a set, which then must
+  match. Answers over 1,000 characters give 0 ("too_long") [ours]. Hard time limit math_timeout_s: in the main
+  thread a SIGALRM interval timer interrupts sympy (math_verify's own alarm takes whole seconds and cannot tell a
+  timeout from a wrong answer); in any other thread the check runs in a forked child process that is killed at the
+  deadline (about 10-25 ms overhead a call). Unix only (signals and fork). math_verify logs once that its own
+  timeout is disabled: expected, the deadline is ours.
+- iou: exactly one box [x1, y1, x2, y2] or (x1, y1, x2, y2) (a bare "x1, y1, x2, y2" also works) [ours: the forms];
+  reward = IoU with the gt box, continuous; correct means IoU >= 0.5 [ours]. Boxes are normalised 0..1 unless
+  meta["box_format"] == "pixel" (then meta["image_size"] = [W, H]) or config.iou_box_format says so. Several boxes
+  ("ambiguous"), NaN/inf ("invalid_box"), coordinates outside the image ("out_of_range"), x2 < x1 or y2 < y1
+  ("inverted") and zero area ("degenerate") give 0.
+- open: the paper's R = 1 - exp(-(S(pred) - S(ref)) * beta) if S(pred) > S(ref) else 0 for a relative scorer S
+  (reward model; S(ref) = S(gt)). beta is not reported; we use open_beta = 1.0 [ours]: one unit of score gained
+  gives 0.63, three units 0.95. For a similarity scorer (relative=False) the formula is identically 0 (the
+  reference matches itself best), so the reward is the similarity itself, clipped to [0, 1] [deviation].
+  The paper's scorer is InternLM-XComposer2.5-Reward; we ship ToySceneScorer (relative, the toy world's scene
+  facts) and TokenF1Scorer (SQuAD token F1 with gt). Default: the toy scorer when meta["scene"] exists, else F1.
+  Scorer exceptions are not caught: they are bugs or infrastructure failures, not model output.
+
+Reasons: "ok" (reward > 0), "wrong", "format", "empty", "unparsable", "ambiguous", "timeout", "too_long", "error"
+(the math child process died), "invalid_box", "out_of_range", "inverted", "degenerate", "bad_score" (NaN from a
+scorer).
+
+Use:
+    from rewards import RewardConfig, compute_reward, compute_rewards, resolve_type
+    compute_reward("<think>...</think><answer>(B)</answer>", {"verifier_type": "mcq", "gt": "B"})
+    # {'reward': 1.0, 'type': 'mcq', 'reason': 'ok', 'answer': '(B)', 'correct': True, 'info': {}}
+    compute_rewards(responses, samples, config=RewardConfig(open_scorer="my_rm:Scorer"))
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import multiprocessing
+import re
+import signal
+import string
+import threading
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Callable, Protocol
+
+from math_verify import parse as math_parse
+from math_verify import verify as math_verify
+
+REWARD_TYPES = ("digit", "mcq", "math", "iou", "open")
+
+# --- type resolution ------------------------------------------------------------------------------------------------
+
+# Alternative spellings of verifier_type, after lower-casing and turning "-"/" " into "_".
+TYPE_ALIASES = {
+    **{name: name for name in REWARD_TYPES},
+    "digits": "digit", "number": "digit", "numeric": "digit", "integer": "digit", "count": "digit",
+    "counting": "digit",
+    "multiple_choice": "mcq", "multi_choice": "mcq", "multichoice": "mcq", "choice": "mcq", "option": "mcq",
+    "math_verify": "math", "symbolic": "math", "expression": "math",
+    "bbox": "iou", "box": "iou", "grounding": "iou",
+    "open_ended": "open", "openended": "open", "free_form": "open", "reward_model": "open", "rm": "open",
+}
+
+# Source dataset (normalised like TYPE_ALIASES) -> reward type; SPEC.md's table of the RL split.
+SOURCE_TO_TYPE = {
+    "clevr_math": "digit", "clevrmath": "digit",
+    "geoqa170k": "mcq", "geoqa_170k": "mcq", "geoqa": "mcq", "geo170k": "mcq", "arxivqa": "mcq", "arxiv_qa": "mcq",
+    "math_puma": "math", "mathpuma": "math",
+    "coco": "iou", "vg": "iou", "visual_genome": "iou", "llava_cot": "iou", "llava_cot_coco": "iou",
+    "llava_cot_vg": "iou",
+    "allava": "open", "allava_4v": "open", "docvqa": "open", "vizwiz": "open",
+}
+
+
+def _record_name(record: dict) -> str:
+    return f"record {record.get('id', '<no id>')!r}"
+
+
+def _normalise_name(name: str) -> str:
+    return re.sub(r"[\s\-.]+", "_", name.strip().lower())
+
+
+def _meta(record: dict) -> dict:
+    meta = record.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+def resolve_type(record: dict) -> str:
+    """The record's reward type: its verifier_type (aliases allowed), else looked up from its source dataset.
+
+    The source is meta["source"], then record["source"], then the folders of record["image"] (first listed folder
+    found in SOURCE_TO_TYPE, so "clevr_math/x.png" and "/data/images/clevr_math/x.png" both work).
+    """
+    declared = record.get("verifier_type")
+    if declared is not None:
+        resolved = TYPE_ALIASES.get(_normalise_name(str(declared)))
+        if resolved is None:
+            raise ValueError(f"{_record_name(record)}: field 'verifier_type' = {declared!r} is not a known reward "
+                             f"type; expected one of {REWARD_TYPES} or an alias in rewards.TYPE_ALIASES")
+        return resolved
+    candidates = [_meta(record).get("source"), record.get("source")]
+    image = record.get("image")
+    if isinstance(image, (list, tuple)) and image:
+        image = image[0]
+    if isinstance(image, str):
+        candidates += re.split(r"[\\/]", image)[:-1]
+    for candidate in candidates:
+        if isinstance(candidate, str) and _normalise_name(candidate) in SOURCE_TO_TYPE:
+            return SOURCE_TO_TYPE[_normalise_name(candidate)]
+    raise ValueError(f"{_record_name(record)}: no 'verifier_type' and no known source in fields 'meta.source', "
+                     f"'source' or 'image' (image={record.get('image')!r}); known sources: {sorted(SOURCE_TO_TYPE)}")
+
+
+# --- configuration and scorers ------------------------------------------------------------------------------------
+
+
+class OpenScorer(Protocol):
+    """Scores an open-ended answer; relative=True: a reward model (higher is better, compared with S(gt)),
+    relative=False: a similarity with gt in [0, 1]."""
+
+    relative: bool
+
+    def score(self, answer: str, sample: dict) -> float: ...
+
+
+def load_scorer(path: str) -> OpenScorer:
+    """Import "module:attr"; a class is instantiated without arguments, anything else is used as it is."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"open_scorer {path!r}: expected an import path 'module:attr'")
+    try:
+        scorer = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"open_scorer {path!r}: cannot import it ({error})") from error
+    if isinstance(scorer, type):
+        scorer = scorer()
+    if not callable(getattr(scorer, "score", None)) or not isinstance(getattr(scorer, "relative", None), bool):
+        raise ValueError(f"open_scorer {path!r}: needs a method score(answer, sample) and a bool attribute relative")
+    return scorer
+
+
+@dataclass
+class RewardConfig:
+    """Everything the reward depends on besides the response and the sample; a str open_scorer is imported once."""
+
+    require_think: bool = False  # also demand one <think>...</think> before the answer (the paper: no)
+    open_beta: float = 1.0  # beta of the open-ended reward; not reported by the paper
+    open_scorer: OpenScorer | str | None = None  # object or "module:attr"; None: toy scorer if meta.scene, else F1
+    math_timeout_s: float = 1.0  # hard wall-clock limit of one math check
+    iou_box_format: str = "normalized"  # "normalized" (0..1) or "pixel"; meta["box_format"] overrides it
+
+    def __post_init__(self):
+        if isinstance(self.open_scorer, str):
+            self.open_scorer = load_scorer(self.open_scorer)
+        if not self.open_beta > 0:
+            raise ValueError(f"RewardConfig.open_beta must be > 0, got {self.open_beta}")
+        if not self.math_timeout_s > 0:
+            raise ValueError(f"RewardConfig.math_timeout_s must be > 0, got {self.math_timeout_s}")
+        if self.iou_box_format not in ("normalized", "pixel"):
+            raise ValueError(f"RewardConfig.iou_box_format must be 'normalized' or 'pixel', "
+                             f"got {self.iou_box_format!r}")
+
+
+# --- the answer block ----------------------------------------------------------------------------------------------
+
+_ANSWER_TAG = re.compile(r"<(/?)answer>", re.IGNORECASE)
+_THINK_TAG = re.compile(r"<(/?)think>", re.IGNORECASE)
+
+
+def _single_block(tags: list[re.Match]) -> tuple[re.Match, re.Match] | None:
+    """(opening, closing) if the tags are exactly one opening followed by one closing tag."""
+    if len(tags) != 2 or tags[0].group(1) or not tags[1].group(1):
+        return None
+    return tags[0], tags[1]
+
+
+def extract_answer(response: str, require_think: bool = False) -> tuple[str | None, str]:
+    """(answer text, "ok") for exactly one non-empty <answer> block, else (None, "format" | "empty")."""
+    if not isinstance(response, str):
+        return None, "format"
+    answer_block = _single_block(list(_ANSWER_TAG.finditer(response)))
+    if answer_block is None:
+        return None, "format"
+    opening, closing = answer_block
+    if require_think:
+        think_block = _single_block(list(_THINK_TAG.finditer(response)))
+        if think_block is None or think_block[1].end() > opening.start():
+            return None, "format"
+    answer = response[opening.end():closing.start()].strip()
+    if not answer:
+        return None, "empty"
+    return answer, "ok"
+
+
+# --- digit ---------------------------------------------------------------------------------------------------------
+
+# A number: optional sign (not glued to a preceding word/number), digits with optional thousands groups and decimals.
+_NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_NUMBER_WORDS = {word: index for index, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+
+
+def _to_decimal(number: str) -> Decimal:
+    """'−1,234.50' (any Unicode decimal digits) -> Decimal('-1234.50')."""
+    if not number.isascii():
+        number = "".join(str(unicodedata.decimal(char)) if char.isdecimal() else char for char in number)
+    return Decimal(number.replace(",", "").replace("\u2212", "-"))
+
+
+def _numbers_in(text: str) -> set[Decimal]:
+    numbers = {_to_decimal(match.group()) for match in _NUMBER.finditer(text)}
+    if not numbers:
+        numbers = {Decimal(_NUMBER_WORDS[match.group(1).lower()]) for match in _NUMBER_WORD.finditer(text)}
+    return numbers
+
+
+def _digit_gt(sample: dict) -> Decimal:
+    numbers = _numbers_in(str(sample["gt"]))
+    if len(numbers) != 1:
+        raise ValueError(f"{_record_name(sample)}: field 'gt' = {sample['gt']!r} is not a single number "
+                         f"(digit type)")
+    return numbers.pop()
+
+
+def _digit_reward(answer: str, expected: Decimal) -> tuple[float, str]:
+    numbers = _numbers_in(answer)
+    if not numbers:
+        return 0.0, "unparsable"
+    if len(numbers) > 1:
+        return 0.0, "ambiguous"
+    return (1.0, "ok") if numbers.pop() == expected else (0.0, "wrong")
+
+
+# --- mcq -----------------------------------------------------------------------------------------------------------
+
+_LETTER_WHOLE = re.compile(r"[(\[]?([A-Ha-h])[)\]]?[.:]?")
+_LETTER_LEADING = re.compile(r"[(\[]?([A-Ha-h])[)\].:](?:\s|$)")
+_LETTER_BRACKETED = re.compile(r"[(\[]([A-Ha-h])[)\]]")
+_LETTER_NAMED = re.compile(r"\b(?:option|choice)\s*[(\[]?([A-Ha-h])\b", re.IGNORECASE)
+_LETTER_CAPITAL = re.compile(r"(?<![A-Za-z0-9'])([A-H])(?![A-Za-z0-9'])")
+# "A triangle": the article. "A or B", "A is ...", "A and C": the letter (short words and connectives).
+_ARTICLE_A = re.compile(r"A\s+(?!(?:and|nor|then|plus|also|both|versus|through|seems|looks|fits|matches|would"
+                         r"|should|could|must|might|will|can)\b)[a-z]{3,}")
+_LATEX_WRAPPER = re.compile(r"\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{")
+_OPTION_MARKER = re.compile(r"(?:^|(?<=\s))[(\[]?([A-H])[)\].:\uff1a]\s*", re.MULTILINE)
+
+
+def _plain(text: str) -> str:
+    """NFKC (fullwidth -> ASCII), LaTeX text wrappers and markdown emphasis removed."""
+    text = _LATEX_WRAPPER.sub(" ", unicodedata.normalize("NFKC", text))
+    return re.sub(r"[{}*`$]", " ", text).strip()
+
+
+def _option_text_key(text: str) -> str:
+    return re.sub(r"[\s$]+", "", _plain(text).lower()).rstrip(".")
+
+
+def _question_options(question: str) -> dict[str, str]:
+    """{"A": text, "B": text, ...} from the last run of consecutive option markers A, B, ... in the question."""
+    markers = list(_OPTION_MARKER.finditer(question))
+    options: dict[str, str] = {}
+    found: dict[str, str] = {}
+    for index, marker in enumerate(markers):
+        end = markers[index + 1].start() if index + 1 < len(markers) else len(question)
+        text = question[marker.end():end].split("\n")[0].strip()
+        letter = marker.group(1)
+        if letter == "A":
+            options = {"A": text}
+        elif options and ord(letter) == ord(max(options)) + 1:
+            options[letter] = text
+        else:
+            continue
+        if len(options) >= 2:
+            found = dict(options)
+    return found
+
+
+def _letters_named(answer: str) -> set[str]:
+    """Every option letter the answer names (see the module docstring for what counts)."""
+    text = _plain(answer)
+    whole = _LETTER_WHOLE.fullmatch(text)
+    if whole:
+        return {whole.group(1).upper()}
+    letters = {match.group(1).upper() for match in _LETTER_BRACKETED.finditer(text)}
+    letters |= {match.group(1).upper() for match in _LETTER_NAMED.finditer(text)}
+    leading = _LETTER_LEADING.match(text)
+    if leading:
+        letters.add(leading.group(1).upper())
+    for match in _LETTER_CAPITAL.finditer(text):
+        if not (match.group(1) == "A" and _ARTICLE_A.match(text, match.start())):
+            letters.add(match.group(1))
+    return letters
+
+
+def _letter_of_text(text: str, options: dict[str, str]) -> str | None:
+    key = _option_text_key(text)
+    matches = [letter for letter, option in options.items() if key and _option_text_key(option) == key]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _mcq_reward(answer: str, gt: str, sample: dict) -> tuple[float, str]:
+    options = _question_options(str(sample.get("question") or ""))
+    gt_plain = _plain(gt)
+    gt_match = _LETTER_WHOLE.fullmatch(gt_plain) or _LETTER_LEADING.match(gt_plain)
+    gt_letter = gt_match.group(1).upper() if gt_match else _letter_of_text(gt, options)
+    if gt_letter is None:
+        correct = _option_text_key(answer) == _option_text_key(gt)
+        return (1.0, "ok") if correct else (0.0, "wrong")
+    letters = _letters_named(answer)
+    if not letters:  # no letter named: maybe the answer is one option's text
+        text_letter = _letter_of_text(answer, options)
+        letters = {text_letter} if text_letter else set()
+    if not letters:
+        return 0.0, "unparsable"
+    if len(letters) > 1:
+        return 0.0, "ambiguous"
+    return (1.0, "ok") if letters.pop() == gt_letter else (0.0, "wrong")
+
+
+# --- math ----------------------------------------------------------------------------------------------------------
+
+_MATH_MAX_CHARS = 1000
+_ALARM_REPEAT_S = 0.05  # the alarm fires again at this interval in case some library code swallowed the first one
+_LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+
+
+class _Deadline(BaseException):
+    """Raised by our SIGALRM handler; a BaseException so math_verify's `except Exception` cannot swallow it."""
+
+
+def _raise_deadline(signum, frame):
+    raise _Deadline
+
+
+def _parse_math(text: str) -> list:
+    """math_verify.parse with its own (whole-second, signal) timeout off: our caller enforces the deadline."""
+    if not any(delimiter in text for delimiter in _LATEX_DELIMITERS):
+        text = f"${text}$"
+    return math_parse(text, parsing_timeout=None)
+
+
+def _math_check(answer: str, gt: str) -> str:
+    """'ok' | 'wrong' | 'unparsable' | 'bad_gt', with no time limit (see _call_with_deadline)."""
+    gold = _parse_math(gt)
+    if not gold:
+        return "bad_gt"
+    predicted = _parse_math(answer)
+    if not predicted:
+        return "unparsable"
+    return "ok" if math_verify(gold, predicted, timeout_seconds=None) else "wrong"
+
+
+def _call_with_alarm(check: Callable[[], str], timeout_s: float) -> str:
+    """Main thread: an interval timer raises _Deadline inside sympy; any outer SIGALRM timer is paused and resumed."""
+    started = time.monotonic()
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, 0)
+    outer_handler = signal.signal(signal.SIGALRM, _raise_deadline)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s, _ALARM_REPEAT_S)
+        try:
+            return check()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Deadline:
+        return "timeout"
+    finally:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if outer_handler is None else outer_handler)
+        if outer_delay > 0:
+            remaining = max(outer_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, outer_interval)
+
+
+def _send_result(check: Callable[[], str], sender) -> None:
+    sender.send(check())
+
+
+def _call_in_child_process(check: Callable[[], str], timeout_s: float) -> str:
+    """Other threads (signals only reach the main thread): fork, wait for the answer, kill the child at the deadline."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(check, sender), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            return "timeout"
+        return receiver.recv()
+    except (EOFError, OSError):  # the child died without answering
+        return "error"
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receiver.close()
+
+
+def _call_with_deadline(check: Callable[[], str], timeout_s: float) -> str:
+    if threading.current_thread() is threading.main_thread():
+        return _call_with_alarm(check, timeout_s)
+    return _call_in_child_process(check, timeout_s)
+
+
+def _math_reward(answer: str, gt: str, sample: dict, config: RewardConfig) -> tuple[float, str]:
+    if len(answer) > _MATH_MAX_CHARS:
+        return 0.0, "too_long"
+    reason = _call_with_deadline(lambda: _math_check(answer, gt), config.math_timeout_s)
+    if reason == "bad_gt":
+        raise ValueError(f"{_record_name(sample)}: field 'gt' = {gt!r} is not parsable by math_verify (math type)")
+    return (1.0 if reason == "ok" else 0.0), reason
+
+
+# --- iou -----------------------------------------------------------------------------------------------------------
+
+_COORD = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|[-+]?inf(?:inity)?"
+_FOUR_COORDS = rf"\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*"
+_BRACKETED_BOX = re.compile(rf"[\[(]{_FOUR_COORDS}[\])]", re.IGNORECASE)
+_BARE_BOX = re.compile(_FOUR_COORDS, re.IGNORECASE)
+
+
+def _parse_box(text: str) -> tuple[list[float] | None, str]:
+    boxes = list(_BRACKETED_BOX.finditer(text))
+    if not boxes:
+        bare = _BARE_BOX.fullmatch(text)
+        boxes = [bare] if bare else []
+    if not boxes:
+        return None, "unparsable"
+    if len(boxes) > 1:
+        return None, "ambiguous"
+    return [float(value) for value in boxes[0].groups()], "ok"
+
+
+def _check_box(box: list[float], width: float, height: float) -> str:
+    x1, y1, x2, y2 = box
+    if not all(math.isfinite(value) for value in box):
+        return "invalid_box"
+    if min(x1, x2, y1, y2) < 0 or max(x1, x2) > width or max(y1, y2) > height:
+        return "out_of_range"
+    if x2 < x1 or y2 < y1:
+        return "inverted"
+    if x2 == x1 or y2 == y1:
+        return "degenerate"
+    return "ok"
+
+
+def _box_frame(sample: dict, config: RewardConfig) -> tuple[float, float]:
+    """(width, height) the coordinates live in: (1, 1) for normalised boxes, the image size for pixel boxes."""
+    meta = _meta(sample)
+    if meta.get("box_format", config.iou_box_format) != "pixel":
+        return 1.0, 1.0
+    size = meta.get("image_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
+            isinstance(value, (int, float)) and value > 0 for value in size)):
+        raise ValueError(f"{_record_name(sample)}: pixel boxes need field 'meta.image_size' = [W, H], got {size!r}")
+    return float(size[0]), float(size[1])
+
+
+def box_iou(box_a: list[float], box_b: list[float]) -> float:
+    """Intersection over union of two valid [x1, y1, x2, y2] boxes."""
+    inter_w = max(0.0, min(box_a[2], box_b[2]) - max(box_a[0], box_b[0]))
+    inter_h = max(0.0, min(box_a[3], box_b[3]) - max(box_a[1], box_b[1]))
+    intersection = inter_w * inter_h
+    area_a = (box_a[2] - box_a[0]) * (box_a[3] - box_a[1])
+    area_b = (box_b[2] - box_b[0]) * (box_b[3] - box_b[1])
+    return intersection / (area_a + area_b - intersection)
+
+
+def _iou_gt(sample: dict, config: RewardConfig) -> tuple[list[float], float, float]:
+    """(gt box, width, height of the frame the boxes live in)."""
+    width, height = _box_frame(sample, config)
+    gt = sample["gt"]
+    if isinstance(gt, (list, tuple)):  # a JSON list instead of a string
+        gt = str(list(gt))
+    gt_box, _ = _parse_box(str(gt))
+    if gt_box is None or _check_box(gt_box, width, height) != "ok":
+        raise ValueError(f"{_record_name(sample)}: field 'gt' = {gt!r} is not one valid box [x1, y1, x2, y2] "
+                         f"inside {width:g} x {height:g} (iou type)")
+    return gt_box, width, height
+
+
+def _iou_reward(answer: str, gt_box: list[float], width: float, height: float) -> tuple[float, str]:
+    box, reason = _parse_box(answer)
+    if box is None:
+        return 0.0, reason
+    reason = _check_box(box, width, height)
+    if reason != "ok":
+        return 0.0, reason
+    iou = box_iou(box, gt_box)
+    return iou, ("ok" if iou > 0 else "wrong")
+
+
+# --- open-ended ----------------------------------------------------------------------------------------------------
+
+_COLORS = ("red", "green", "blue", "yellow")
+_SIZES = ("small", "large")
+_SHAPES = ("circle", "square", "triangle")
+_COUNT_WORDS = {word: value for word, value in _NUMBER_WORDS.items() if 1 <= value <= 10}  # one..ten
+_CLAIM = re.compile(
+    r"\b(\d{1,3}|" + "|".join(_COUNT_WORDS) + r")\s+"
+    r"((?:(?:" + "|".join(_SIZES + _COLORS) + r")\s+){0,2})"
+    r"(" + "|".join(_SHAPES + ("shape", "object")) + r")s?\b", re.IGNORECASE)
+
+
+class ToySceneScorer:
+    """S = (#distinct true counting claims) - (#false ones) about meta["scene"], e.g. "2 red circles", "one blue
+    square", "3 shapes", "2 large shapes". Claims of zero are ignored, so listing every absent colour/shape pair
+    earns nothing. Relative: the reward is the gain over S(gt)."""
+
+    relative = True
+
+    def score(self, answer: str, sample: dict) -> float:
+        objects = _scene_objects(sample)
+        claims = set()
+        for match in _CLAIM.finditer(answer):
+            count_text, adjectives, noun = match.group(1).lower(), match.group(2).lower().split(), match.group(3)
+            count = _COUNT_WORDS[count_text] if count_text in _COUNT_WORDS else int(count_text)
+            colors = [word for word in adjectives if word in _COLORS]
+            sizes = [word for word in adjectives if word in _SIZES]
+            if count == 0 or len(colors) > 1 or len(sizes) > 1:
+                continue
+            shape = noun.lower() if noun.lower() in _SHAPES else None
+            claims.add((count, shape, colors[0] if colors else None, sizes[0] if sizes else None))
+        score = 0
+        for count, shape, color, size in claims:
+            matching = sum(1 for item in objects if (shape is None or item["shape"] == shape)
+                           and (color is None or item["color"] == color) and (size is None or item["size"] == size))
+            score += 1 if matching == count else -1
+        return float(score)
+
+
+def _scene_objects(sample: dict) -> list[dict]:
+    scene = _meta(sample).get("scene")
+    objects = scene.get("objects") if isinstance(scene, dict) else None
+    if not isinstance(objects, list) or not all(
+            isinstance(item, dict) and {"shape", "color", "size"} <= item.keys() for item in objects):
+        raise ValueError(f"{_record_name(sample)}: field 'meta.scene' must be {{'objects': [{{'shape', 'color', "
+                         f"'size', ...}}, ...]}} for ToySceneScorer")
+    return objects
+
+
+class TokenF1Scorer:
+    """SQuAD-style token F1 between the answer and gt (lower-case, no punctuation, no articles). Not relative."""
+
+    relative = False
+
+    @staticmethod
+    def tokens(text: str) -> list[str]:
+        text = "".join(char for char in text.lower() if char not in string.punctuation)
+        return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+    def score(self, answer: str, sample: dict) -> float:
+        predicted, reference = self.tokens(answer), self.tokens(str(sample["gt"]))
+        if not predicted or not reference:
+            return float(predicted == reference)
+        overlap = sum((Counter(predicted) & Counter(reference)).values())
+        if overlap == 0:
+            return 0.0
+        precision, recall = overlap / len(predicted), overlap / len(reference)
+        return 2 * precision * recall / (precision + recall)
+
+
+_TOY_SCORER = ToySceneScorer()
+_F1_SCORER = TokenF1Scorer()
+
+
+def _open_scorer(sample: dict, config: RewardConfig) -> OpenScorer:
+    if config.open_scorer is not None:
+        return config.open_scorer
+    return _TOY_SCORER if "scene" in _meta(sample) else _F1_SCORER
+
+
+def _open_reward(answer: str, sample: dict, config: RewardConfig,
+                 reference_scores: dict[int, float]) -> tuple[float, str, dict]:
+    scorer = _open_scorer(sample, config)
+    score = float(scorer.score(answer, sample))
+    if not scorer.relative:
+        if not math.isfinite(score):
+            return 0.0, "bad_score", {"score": score}
+        reward = min(max(score, 0.0), 1.0)
+        return reward, ("ok" if reward > 0 else "wrong"), {"score": score}
+    if id(sample) not in reference_scores:
+        reference_scores[id(sample)] = float(scorer.score(str(sample["gt"]), sample))
+    reference = reference_scores[id(sample)]
+    info = {"score": score, "ref_score": reference}
+    if not (math.isfinite(score) and math.isfinite(reference)):
+        return 0.0, "bad_score", info
+    if score <= reference:
+        return 0.0, "wrong", info
+    return 1.0 - math.exp(-(score - reference) * config.open_beta), "ok", info
+
+
+# --- the mixed reward ----------------------------------------------------------------------------------------------
+
+
+def _checked_gt(sample: dict, reward_type: str, config: RewardConfig):
+    """The sample's gt, parsed for its type; raises ValueError on a bad sample whatever the response."""
+    if sample.get("gt") is None:
+        raise ValueError(f"{_record_name(sample)}: field 'gt' is missing")
+    if reward_type == "digit":
+        return _digit_gt(sample)
+    if reward_type == "iou":
+        return _iou_gt(sample, config)
+    gt = str(sample["gt"]).strip()
+    if reward_type in ("mcq", "math") and not gt:
+        raise ValueError(f"{_record_name(sample)}: field 'gt' is empty ({reward_type} type)")
+    return gt
+
+
+def _reward(response: str, sample: dict, config: RewardConfig, reference_scores: dict[int, float]) -> dict:
+    reward_type = resolve_type(sample)
+    gt = _checked_gt(sample, reward_type, config)
+    answer, reason = extract_answer(response, config.require_think)
+    result = {"reward": 0.0, "type": reward_type, "reason": reason, "answer": answer, "correct": False, "info": {}}
+    if answer is None:
+        return result
+    if reward_type == "digit":
+        reward, reason = _digit_reward(answer, gt)
+    elif reward_type == "mcq":
+        reward, reason = _mcq_reward(answer, gt, sample)
+    elif reward_type == "math":
+        reward, reason = _math_reward(answer, gt, sample, config)
+    elif reward_type == "iou":
+        reward, reason = _iou_reward(answer, *gt)
+        result["info"] = {"iou": reward}
+    else:
+        reward, reason, result["info"] = _open_reward(answer, sample, config, reference_scores)
+    correct = {"iou": reward >= 0.5, "open": reward > 0}.get(reward_type, reward == 1.0)
+    result.update(reward=float(reward), reason=reason, correct=bool(correct))
+    return result
+
+
+def compute_reward(response: str, sample: dict, *, config: RewardConfig | None = None) -> dict:
+    """{"reward": float in [0, 1], "type", "reason", "answer" (text or None), "correct": bool, "info": dict}."""
+    return _reward(response, sample, config or RewardConfig(), {})
+
+
+def compute_rewards(responses: list[str], samples: list[dict], *, config: RewardConfig | None = None) -> list[dict]:
+    """compute_reward over a batch; samples may repeat (G responses per prompt): S(gt) is scored once per sample."""
+    if len(responses) != len(samples):
+        raise ValueError(f"compute_rewards: {len(responses)} responses but {len(samples)} samples")
+    config = config or RewardConfig()
+    reference_scores: dict[int, float] = {}
+    return [_reward(response, sample, config, reference_scores) for response, sample in zip(responses, samples)]
