@@ -1,0 +1,433 @@
+"""VLAA-Thinking records: loading and validation, the epoch sampler, and batching through the processor.
+
+One code path for the toy world (toyworld.py) and the real data set. A record is a plain dict as in
+VLAA-Thinking's JSON: "id", "image" (path relative to an images root; absent, null or "" for text-only),
+"question", "gt", "verifier_type" (digit/mcq/math/iou/open), "answer" (SFT target
+"<think>...</think> <answer>...</answer>"), optional "ds_answer", "caption", "meta" (dict).
+
+What it does:
+- `load_records` reads a JSON array file or a JSON-lines file (told apart by the first non-blank character, not
+  by the extension) and validates EVERY record before training starts: "question" and "gt" present and strings
+  (numbers in "gt" are turned into strings), a known reward type (rewards.resolve_type: the record's
+  "verifier_type" or, for GRPO files without it, its source), no Qwen special-token text ("<|...|>") in the
+  question or answer (it would be tokenised as a control token), and an image path that is relative, has no
+  ".." part, exists and decodes (PIL verify; each file checked once however many records share it).
+  Each record is normalised: "verifier_type" always set, a literal "<image>" placeholder removed from the
+  question (the processor places the image), "answer" built from "ds_answer" when absent, "id" filled in
+  ("<file stem>:<record number>") when absent.
+  Errors raise `DataError` "<file>:<line> [id <id>]: <field>: <problem>" for JSON lines and
+  "<file>:record <N> (line <L>) [id <id>]: <field>: <problem>" for JSON arrays (N counts from 1; a minified array is all
+  on line 1). skip_bad=True skips bad records instead, prints the counts by problem and the first few
+  messages, and keeps the counts on the returned list (`records.skipped`).
+- `load_image(images_root, relative_path)`: the image as RGB, with the same path rules.
+- `EpochSampler`: a deterministic permutation per epoch, batches of indices across epoch boundaries, exact
+  mid-epoch resume through state_dict() / load_state_dict().
+- `encode_prompt` / `encode_sft`: one record -> the processor's EncodedPrompt / EncodedSFT (a trainer that
+  wants per-record encodings, e.g. to read EncodedSFT.truncated, uses these).
+- `collate_prompts` / `collate_sft`: records -> the processor's PromptBatch / SFTBatch (each image loaded and
+  processed once per prompt; GRPO samples G completions per prompt from that one prompt row).
+
+Choices the paper (or the data set card) leaves open:
+- "answer" built from "ds_answer" (DeepSeek-R1's output): the text inside <think>..</think> (or everything
+  before a lone </think>, or the whole text without think tags) becomes the thought; the text after </think>
+  becomes the answer if it is not empty, else "gt". Text after </think> that already holds an <answer> block
+  is kept as it is.
+- Image paths must be relative to the images root and may not contain "..". Symbolic links inside the root
+  are followed (so images/coco may point at a COCO download elsewhere): the check is on the path as written.
+- The default images root (images_root=None) is "<json folder>/images" when that folder exists, else the JSON
+  file's folder: the layout of both the toy world and the Hugging Face download.
+- A JSON array that does not parse cannot be resynchronised, so skip_bad does not skip it: the load fails.
+  A bad line of a JSON-lines file is skipped (kind "bad_json").
+- EpochSampler seeds numpy's generator with the pair (seed, epoch), not seed + epoch, so that two runs with
+  seeds s and s+1 never see the same order one epoch apart.
+
+Usage:
+    records = load_records("toy/rl.json")                      # images root: toy/images
+    records = load_records("VLAA-Thinking-SFT-126K.json", "images", require_answer=True, skip_bad=True)
+    sampler = EpochSampler(len(records), seed=0)
+    batch = collate_prompts([records[i] for i in sampler.next_batch(8)], processor, "toy/images")
+"""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+import rewards
+
+SKIP_REPORT_EXAMPLES = 5  # how many skipped-record messages skip_bad prints
+SPECIAL_TOKEN_TEXT = re.compile(r"<\|[A-Za-z_]+\|>")  # Qwen's special tokens: <|im_end|>, <|image_pad|>, ...
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class DataError(ValueError):
+    """A bad data file or record: "<where>: <field>: <problem>". `kind` is a short code used for skip counts."""
+
+    def __init__(self, where: str, field: str, problem: str, kind: str):
+        super().__init__(f"{where}: {field}: {problem}")
+        self.where, self.field, self.problem, self.kind = where, field, problem, kind
+
+
+class RecordList(list):
+    """The records load_records returns; `skipped` counts the records skip_bad left out, by problem kind."""
+
+    def __init__(self, records=(), skipped: Counter | None = None):
+        super().__init__(records)
+        self.skipped = skipped if skipped is not None else Counter()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the file: (location, record) pairs from a JSON array or JSON lines
+
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte order mark
+    except FileNotFoundError:
+        raise DataError(str(path), "file", "not found", "file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(str(path), "file", f"not UTF-8 text ({error})", "file") from None
+
+
+def _json_array_items(text: str, start: int, path: str):
+    """Yield (location, value) for each element of the JSON array opening at text[start], with its start line."""
+    decoder = json.JSONDecoder()
+    position = _WHITESPACE.match(text, start + 1).end()  # just after "["
+    if text.startswith("]", position):
+        return
+    line, counted_to, number = 1, 0, 0
+    while True:
+        number += 1
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        where = f"{path}:record {number} (line {line})"
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}", "json", f"invalid JSON: {error.msg} (column {error.colno})",
+                            "bad_json") from None
+        yield where, value
+        position = _WHITESPACE.match(text, position).end()
+        if text.startswith(",", position):
+            position = _WHITESPACE.match(text, position + 1).end()
+        elif text.startswith("]", position):
+            break
+        else:
+            line_here = 1 + text.count("\n", 0, position)
+            raise DataError(f"{path}:{line_here}", "json", "invalid JSON: expected ',' or ']' after a record",
+                            "bad_json")
+    if _WHITESPACE.match(text, position + 1).end() != len(text):
+        line_here = 1 + text.count("\n", 0, position + 1)
+        raise DataError(f"{path}:{line_here}", "json", "invalid JSON: extra data after the closing ']'", "bad_json")
+
+
+def _json_lines_items(text: str, path: str, skip_bad: bool, skipped: Counter, messages: list[str]):
+    """Yield (location, value) for each non-blank line; a bad line raises, or is counted when skip_bad."""
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON text may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            bad = DataError(where, "json", f"invalid JSON line: {error.msg} (column {error.colno})", "bad_json")
+            if not skip_bad:
+                raise bad from None
+            skipped[bad.kind] += 1
+            messages.append(str(bad))
+            continue
+        yield where, value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validating and normalising one record
+
+
+def check_image_path(relative_path: str) -> PurePosixPath:
+    """The path as a relative POSIX path, or ValueError when it is absolute or climbs out with '..'."""
+    path = PurePosixPath(relative_path)
+    if path.is_absolute() or Path(relative_path).is_absolute():
+        raise ValueError(f"absolute path {relative_path!r}; image paths must be relative to the images root")
+    if ".." in path.parts:
+        raise ValueError(f"path {relative_path!r} contains '..' and could leave the images root")
+    return path
+
+
+def load_image(images_root, relative_path: str) -> Image.Image:
+    """Open images_root/relative_path as an RGB image (path rules as in load_records)."""
+    try:
+        path = Path(images_root) / check_image_path(relative_path)
+    except ValueError as error:
+        raise DataError(str(images_root), "image", str(error), "unsafe_path") from None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(str(path), "image", "file not found", "image_not_found") from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL raises these on undecodable files
+        raise DataError(str(path), "image", f"cannot be decoded ({error})", "image_corrupt") from None
+
+
+def build_answer(ds_answer: str, gt: str) -> str:
+    """An SFT target "<think>..</think> <answer>..</answer>" from an R1 output (see the module docstring)."""
+    if "</think>" in ds_answer:
+        thought, after = ds_answer.split("</think>", 1)
+        thought = thought.replace("<think>", "", 1)
+    else:
+        thought, after = ds_answer, ""
+    after = after.strip()
+    if "<answer>" in after:
+        return f"<think>{thought.strip()}</think> {after}"
+    return f"<think>{thought.strip()}</think> <answer>{after or gt}</answer>"
+
+
+def strip_image_placeholder(question: str) -> str:
+    """Remove VLAA-Thinking's literal "<image>" markers (the processor inserts the image tokens itself)."""
+    if IMAGE_PLACEHOLDER not in question:
+        return question.strip()
+    return " ".join(part.strip() for part in question.split(IMAGE_PLACEHOLDER) if part.strip())
+
+
+def _text_field(record: dict, name: str, where: str, *, allow_number: bool = False, tokenised: bool = True) -> str:
+    """record[name] as a non-empty string; text the model reads (tokenised) may not spell special tokens."""
+    if name not in record or record[name] is None:
+        raise DataError(where, name, "missing", "missing_field")
+    value = record[name]
+    if allow_number and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(where, name, f"expected a string, got {type(value).__name__}", "wrong_type")
+    if not value.strip():
+        raise DataError(where, name, "empty", "empty_field")
+    if tokenised and SPECIAL_TOKEN_TEXT.search(value):
+        raise DataError(where, name, f"contains special-token text {SPECIAL_TOKEN_TEXT.search(value).group()!r}",
+                        "special_token_text")
+    return value
+
+
+def _check_image(record: dict, where: str, images_root: Path, verified: dict) -> str | None:
+    """The record's relative image path after checking that it is safe, exists and decodes (None: text-only)."""
+    image = record.get("image")
+    if image is None or image == "":
+        return None
+    if not isinstance(image, str):
+        raise DataError(where, "image", f"expected a path string, got {type(image).__name__}", "wrong_type")
+    try:
+        path = images_root / check_image_path(image)
+    except ValueError as error:
+        raise DataError(where, "image", str(error), "unsafe_path") from None
+    if path not in verified:  # many records share an image: check each file once
+        problem = None
+        if not path.is_file():
+            problem = ("image_not_found", f"file not found: {path}")
+        else:
+            try:
+                with Image.open(path) as opened:
+                    opened.verify()
+            except Exception as error:  # PIL signals corrupt files with many exception types
+                problem = ("image_corrupt", f"{path} cannot be decoded ({type(error).__name__}: {error})")
+        verified[path] = problem
+    if verified[path] is not None:
+        kind, problem = verified[path]
+        raise DataError(where, "image", problem, kind)
+    return image
+
+
+def normalise_record(record, where: str, images_root: Path, *, require_answer: bool, default_id: str,
+                     verified: dict) -> dict:
+    """A validated copy of one raw record (see the module docstring); raises DataError."""
+    if not isinstance(record, dict):
+        raise DataError(where, "record", f"expected a JSON object, got {type(record).__name__}", "not_an_object")
+    out = dict(record)
+    record_id = record.get("id", default_id)
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+        raise DataError(where, "id", f"expected a string or integer, got {type(record_id).__name__}", "wrong_type")
+    out["id"] = str(record_id)
+    where = f"{where} [id {out['id']}]"
+    out["question"] = strip_image_placeholder(_text_field(record, "question", where))
+    if not out["question"]:
+        raise DataError(where, "question", f"empty once the {IMAGE_PLACEHOLDER} placeholder is removed", "empty_field")
+    out["gt"] = _text_field(record, "gt", where, allow_number=True, tokenised=False)
+    if "meta" in record and record["meta"] is not None and not isinstance(record["meta"], dict):
+        raise DataError(where, "meta", f"expected a JSON object, got {type(record['meta']).__name__}", "wrong_type")
+    try:
+        out["verifier_type"] = rewards.resolve_type(out)
+    except ValueError as error:
+        raise DataError(where, "verifier_type", str(error), "unknown_type") from None
+
+    if record.get("answer") is None and isinstance(record.get("ds_answer"), str) and record["ds_answer"].strip():
+        out["answer"] = build_answer(record["ds_answer"], out["gt"])
+    if require_answer:
+        out["answer"] = _text_field(out, "answer", where)
+        answer, reason = rewards.extract_answer(out["answer"])
+        if answer is None:
+            raise DataError(where, "answer", f"no single <answer>...</answer> block ({reason})", "bad_answer")
+    out["image"] = _check_image(record, where, images_root, verified)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loader
+
+
+def default_images_root(path) -> Path:
+    folder = Path(path).parent
+    return folder / "images" if (folder / "images").is_dir() else folder
+
+
+def load_records(path, images_root=None, *, require_answer: bool = False, skip_bad: bool = False) -> RecordList:
+    """Read, validate and normalise every record of a JSON array or JSON-lines file (see the module docstring).
+
+    require_answer: every record needs an SFT target ("answer", or "ds_answer" to build it from) with exactly
+    one <answer> block. skip_bad: leave bad records out (counts in the result's `skipped`) instead of raising.
+    """
+    path = Path(path)
+    images_root = Path(images_root) if images_root is not None else default_images_root(path)
+    if not images_root.is_dir():
+        raise DataError(str(path), "images_root", f"{images_root} is not a folder", "file")
+    text = _read_text(path)
+    start = _WHITESPACE.match(text).end()
+    skipped: Counter = Counter()
+    messages: list[str] = []
+    if text.startswith("[", start):
+        items = _json_array_items(text, start, str(path))
+    elif text.startswith("{", start):
+        items = _json_lines_items(text, str(path), skip_bad, skipped, messages)
+    elif start == len(text):
+        raise DataError(str(path), "file", "empty: no records", "file")
+    else:
+        raise DataError(f"{path}:{1 + text.count(chr(10), 0, start)}", "file",
+                        f"neither a JSON array ('[') nor JSON lines ('{{'): starts with {text[start:start + 20]!r}",
+                        "bad_json")
+
+    records, verified = RecordList(skipped=skipped), {}
+    for number, (where, raw) in enumerate(items, start=1):
+        try:
+            records.append(normalise_record(raw, where, images_root, require_answer=require_answer,
+                                            default_id=f"{path.stem}:{number}", verified=verified))
+        except DataError as error:
+            if not skip_bad or error.field == "json":
+                raise
+            skipped[error.kind] += 1
+            messages.append(str(error))
+    if skipped:
+        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(skipped.items()))
+        print(f"{path}: skipped {sum(skipped.values())} bad record(s) ({counts}); kept {len(records)}")
+        for message in messages[:SKIP_REPORT_EXAMPLES]:
+            print(f"  {message}")
+    if not records:
+        raise DataError(str(path), "file", "no valid records", "file")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+class EpochSampler:
+    """Batches of record indices: a fresh deterministic permutation each epoch, resumable mid-epoch.
+
+    next_batch() runs forever: a batch that reaches the end of an epoch continues with the next epoch's order,
+    so no record is ever dropped and every epoch visits each record exactly once. batches(one_epoch=True) stops
+    at the end of the current epoch instead (its last batch may be short).
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True):
+        if num_items <= 0:
+            raise ValueError(f"EpochSampler: num_items must be positive, got {num_items}")
+        if seed < 0:
+            raise ValueError(f"EpochSampler: seed must be >= 0, got {seed}")
+        self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_items))
+        return np.random.default_rng((self.seed, epoch)).permutation(self.num_items).tolist()
+
+    def _take(self, count: int) -> list[int]:
+        """Up to `count` indices from the current epoch; moves to the next epoch when this one is used up."""
+        indices = self._order[self.position : self.position + count]
+        self.position += len(indices)
+        if self.position == self.num_items:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        return indices
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        if batch_size <= 0:
+            raise ValueError(f"EpochSampler: batch_size must be positive, got {batch_size}")
+        batch: list[int] = []
+        while len(batch) < batch_size:
+            batch += self._take(batch_size - len(batch))
+        return batch
+
+    def batches(self, batch_size: int, *, one_epoch: bool = False):
+        """Iterate batches forever, or (one_epoch) until the end of the current epoch."""
+        if not one_epoch:
+            while True:
+                yield self.next_batch(batch_size)
+        epoch = self.epoch
+        while self.epoch == epoch:
+            yield self._take(batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_items"] != self.num_items:
+            raise ValueError(f"EpochSampler: the saved state is for {state['num_items']} records but the data has "
+                             f"{self.num_items}; did the data file change?")
+        self.seed, self.shuffle = state["seed"], state["shuffle"]
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batching through the processor
+
+
+def _images_of(record: dict, images_root) -> list[Image.Image]:
+    return [load_image(images_root, record["image"])] if record.get("image") else []
+
+
+def encode_prompt(record: dict, processor, images_root, max_prompt_length: int | None = None):
+    """One record -> the processor's EncodedPrompt (its image loaded and processed once)."""
+    try:
+        return processor.encode_prompt(record["question"], _images_of(record, images_root),
+                                       max_length=max_prompt_length)
+    except DataError:
+        raise
+    except ValueError as error:  # e.g. the prompt is longer than max_prompt_length
+        raise DataError(f"record {record.get('id')}", "question", str(error), "encode") from None
+
+
+def encode_sft(record: dict, processor, images_root, max_length: int | None = None):
+    """One record -> the processor's EncodedSFT (loss on the record's "answer" and the closing <|im_end|>)."""
+    if not isinstance(record.get("answer"), str):
+        raise DataError(f"record {record.get('id')}", "answer", "missing (load SFT data with require_answer=True)",
+                        "missing_field")
+    try:
+        return processor.encode_sft(record["question"], _images_of(record, images_root), record["answer"],
+                                    max_length=max_length)
+    except DataError:
+        raise
+    except ValueError as error:
+        raise DataError(f"record {record.get('id')}", "answer", str(error), "encode") from None
+
+
+def collate_prompts(records: list[dict], processor, images_root, max_prompt_length: int | None = None):
+    """Records -> the processor's PromptBatch: left padded, one row per prompt (GRPO then samples G per row)."""
+    return processor.collate_prompts([encode_prompt(r, processor, images_root, max_prompt_length) for r in records])
+
+
+def collate_sft(records: list[dict], processor, images_root, max_length: int | None = None):
+    """Records -> the processor's SFTBatch: right padded, with the assistant-only loss mask."""
+    return processor.collate_sft([encode_sft(r, processor, images_root, max_length) for r in records])

@@ -1,0 +1,332 @@
+"""The toy world: answers re-derived from the drawn pixels, rewards of the reference answers, the pseudo traces,
+disjoint splits, determinism and build time."""
+
+import functools
+import json
+import math
+import re
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import rewards
+import toyworld
+
+SMALL_SIZES = {"base": 40, "sft": 40, "rl": 40, "test": 40}
+AHA_WORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
+FILES = ("base.json", "sft.json", "sft_pseudo.json", "rl.json", "test.json")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    started = time.perf_counter()
+    manifest = toyworld.build_world(str(out), SMALL_SIZES, seed=3)
+    seconds = time.perf_counter() - started
+    files = {name: json.loads((out / name).read_text()) for name in FILES}
+    return {"out": out, "manifest": manifest, "files": files, "seconds": seconds}
+
+
+def all_records(world):
+    """Every distinct record once (sft_pseudo repeats sft with another answer)."""
+    return [r for name in ("base.json", "sft.json", "rl.json", "test.json") for r in world["files"][name]]
+
+
+def clean_answer(record: dict) -> str:
+    """The clean reasoning trace: "answer", except in base.json where "answer" is the direct answer."""
+    return record["meta"].get("clean_answer", record["answer"])
+
+
+# --- reading a scene back from the pixels ---------------------------------------------------------------------
+
+RGB_TO_COLOR = {rgb: name for name, rgb in toyworld.COLORS.items()}
+# Fill ratio (area / box area) of the ideal shapes: square 1, circle pi/4, triangle 1/2.
+FILL_RATIO = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
+
+
+def components(pixels: set[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """4-connected components of a set of (y, x) pixels."""
+    left, found = set(pixels), []
+    while left:
+        stack, part = [left.pop()], []
+        while stack:
+            y, x = stack.pop()
+            part.append((y, x))
+            for neighbour in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if neighbour in left:
+                    left.remove(neighbour)
+                    stack.append(neighbour)
+        found.append(part)
+    return found
+
+
+@functools.cache
+def read_scene(path: Path) -> list[dict]:
+    """Objects (shape, color, size, box, row, col) found in the image's pixels alone."""
+    image = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
+    height, width, _ = image.shape
+    packed = np.unique((image.astype(np.int64) * [1 << 16, 1 << 8, 1]).sum(-1))  # one int per distinct colour
+    colours = {(int(v) >> 16, int(v) >> 8 & 255, int(v) & 255) for v in packed}
+    assert colours <= {(255, 255, 255), *RGB_TO_COLOR}, f"{path}: unexpected colours {colours}"
+    objects = []
+    for rgb, color in RGB_TO_COLOR.items():
+        ys, xs = np.nonzero(np.all(image == np.array(rgb), axis=-1))
+        for part in components(set(zip(ys.tolist(), xs.tolist()))):
+            py, px = zip(*part)
+            x1, y1, x2, y2 = min(px), min(py), max(px) + 1, max(py) + 1
+            box_w, box_h = x2 - x1, y2 - y1
+            ratio = len(part) / (box_w * box_h)
+            objects.append({
+                "color": color,
+                "shape": min(FILL_RATIO, key=lambda s: abs(FILL_RATIO[s] - ratio)),
+                # The two sizes are 12 and 22 px wide: split halfway.
+                "size": "small" if box_w < (toyworld.SIZES["small"] + toyworld.SIZES["large"]) / 2 else "large",
+                "box": [x1 / width, y1 / height, x2 / width, y2 / height],
+                "row": (y1 + y2) // 2 // toyworld.CELL, "col": (x1 + x2) // 2 // toyworld.CELL,
+            })
+    return objects
+
+
+def find_one(description: str, objects: list[dict]) -> dict:
+    """The single object matching every word of a description like "small red circle"."""
+    words = description.split()
+    matches = [o for o in objects if all(w in (o["shape"], o["color"], o["size"]) for w in words)]
+    assert len(matches) == 1, f"{description!r} should name exactly one object, names {len(matches)}"
+    return matches[0]
+
+
+def count(objects, **attributes) -> int:
+    return sum(all(o[k] == v for k, v in attributes.items()) for o in objects)
+
+
+def as_fraction(latex: str) -> Fraction:
+    match = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", latex)
+    return Fraction(int(match[1]), int(match[2])) if match else Fraction(int(latex))
+
+
+def answer_from_pixels(record: dict, objects: list[dict]) -> str:
+    """Answer the record's question from the pixel-derived objects, by the question's wording alone."""
+    question = record["question"]
+    lines = question.split("\n")
+    options = {line[0]: line[3:] for line in lines[1:]}
+    letter_of = {text: letter for letter, text in options.items()}
+    if m := re.fullmatch(r"How many (.+)s are there\?", question):
+        words = m[1].split()
+        attributes = {}
+        for w in words:
+            key = "shape" if w in toyworld.SHAPES else "color" if w in toyworld.COLORS else \
+                "size" if w in toyworld.SIZES else None
+            if key:
+                attributes[key] = w
+        return str(count(objects, **attributes))
+    if m := re.fullmatch(r"What color is the (.+)\?", lines[0]):
+        return letter_of[find_one(m[1], objects)["color"]]
+    if m := re.fullmatch(r"Where is the (.+) in the image\?", lines[0]):
+        obj = find_one(m[1], objects)
+        vertical, horizontal = ("top" if obj["row"] < 2 else "bottom"), ("left" if obj["col"] < 2 else "right")
+        return letter_of[f"{vertical} {horizontal}"]
+    if m := re.fullmatch(r"Where is the (.+) relative to the (.+)\?", lines[0]):
+        a, b = find_one(m[1], objects), find_one(m[2], objects)
+        assert a["row"] == b["row"] or a["col"] == b["col"], "relation questions use a shared row or column"
+        if a["row"] == b["row"]:
+            return letter_of["to the left" if a["col"] < b["col"] else "to the right"]
+        return letter_of["above" if a["row"] < b["row"] else "below"]
+    if m := re.fullmatch(r"What fraction of the shapes are (\w+)\?", question):
+        word = m[1]
+        part = count(objects, color=word) if word in toyworld.COLORS else count(objects, shape=word[:-1])
+        return str(Fraction(part, len(objects)))
+    if m := re.fullmatch(r"What is the number of (\w+) shapes (plus|minus) the number of (\w+) shapes\?", question):
+        a, b = count(objects, color=m[1]), count(objects, color=m[3])
+        return str(a + b if m[2] == "plus" else a - b)
+    if m := re.fullmatch(r"Give the bounding box of the (.+)\.", question):
+        return str(find_one(m[1], objects)["box"])
+    assert question == "Describe the image.", f"unknown question {question!r}"
+    return f"{len(objects)} shapes"
+
+
+def test_answers_follow_from_the_pixels(world):
+    image_dir = world["out"] / "images"
+    for record in all_records(world):
+        objects = read_scene(image_dir / record["image"])
+        expected = answer_from_pixels(record, objects)
+        kind, gt = record["verifier_type"], record["gt"]
+        if kind == "math":
+            assert str(as_fraction(gt)) == expected, record["id"]
+        elif kind == "iou":
+            box = [float(v) for v in gt.strip("[]").split(",")]
+            # gt is rounded to 2 decimals: each side within half a hundredth of the pixel box.
+            assert np.allclose(box, json.loads(expected), atol=0.005 + 1e-9), (record["id"], gt, expected)
+        elif kind == "open":
+            assert re.fullmatch(r"There (is|are) (\d+) shapes?\.", gt)[2] + " shapes" == expected, record["id"]
+        else:
+            assert gt == expected, (record["id"], record["question"], gt, expected)
+
+
+def test_scene_graph_matches_the_pixels(world):
+    image_dir = world["out"] / "images"
+    for record in all_records(world)[:80]:
+        drawn = read_scene(image_dir / record["image"])
+        scene = record["meta"]["scene"]
+        assert scene["size"] == [toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE]
+        assert 1 <= len(scene["objects"]) <= 5
+        key = lambda o: (o["box"][1], o["box"][0])  # reading order
+        for stated, seen in zip(sorted(scene["objects"], key=key), sorted(drawn, key=key), strict=True):
+            assert (stated["shape"], stated["color"], stated["size"]) == (seen["shape"], seen["color"], seen["size"])
+            assert np.allclose(stated["box"], seen["box"], atol=0.005 + 1e-9)
+        cells = {(o["row"], o["col"]) for o in drawn}
+        assert len(cells) == len(drawn), "one object per cell"
+
+
+def test_types_are_balanced_and_fields_complete(world):
+    for name, records in world["files"].items():
+        counts = {t: sum(r["verifier_type"] == t for r in records) for t in toyworld.TYPES}
+        assert max(counts.values()) - min(counts.values()) <= 1, (name, counts)
+        for r in records:
+            assert {"id", "image", "question", "gt", "verifier_type", "answer", "meta"} <= set(r)
+            assert re.fullmatch(r"<think>.+</think> <answer>.+</answer>", r["answer"], re.S), r["answer"]
+    mcq = [r for r in world["files"]["rl.json"] if r["verifier_type"] == "mcq"]
+    for r in mcq:
+        assert [line[:3] for line in r["question"].split("\n")[1:]] == ["A. ", "B. ", "C. ", "D. "]
+        assert r["gt"] in "ABCD"
+
+
+def test_targets_per_file(world):
+    files = world["files"]
+    assert [r["answer"] for r in files["base.json"]] == [r["meta"]["direct_answer"] for r in files["base.json"]]
+    assert [r["answer"] for r in files["sft_pseudo.json"]] == [r["meta"]["pseudo_answer"] for r in files["sft.json"]]
+    assert [r["meta"]["clean_answer"] for r in files["sft_pseudo.json"]] == [r["answer"] for r in files["sft.json"]]
+    assert all("clean_answer" not in r["meta"] for name in ("sft.json", "rl.json", "test.json") for r in files[name])
+    assert [r["id"] for r in files["sft_pseudo.json"]] == [r["id"] for r in files["sft.json"]]
+
+
+# --- rewards of the reference answers -------------------------------------------------------------------------
+
+
+def test_reference_answers_earn_full_reward(world):
+    for record in all_records(world):
+        kind = record["verifier_type"]
+        clean = rewards.compute_reward(clean_answer(record), record)
+        direct = rewards.compute_reward(record["meta"]["direct_answer"], record)
+        if kind == "open":
+            assert clean["reward"] > 0.9, (record["id"], clean)
+            minimal = rewards.compute_reward(f"<think>.</think> <answer>{record['gt']}</answer>", record)
+            assert minimal["reward"] == 0.0, (record["id"], minimal)  # S(gt) is not above S(gt)
+            assert 0 < direct["reward"] < clean["reward"], (record["id"], direct, clean)
+        elif kind == "iou":
+            assert clean["reward"] >= 0.9 and direct["reward"] >= 0.9, (record["id"], clean, direct)
+        else:
+            assert clean["reward"] == 1.0 and direct["reward"] == 1.0, (record["id"], clean, direct)
+
+
+def test_pseudo_flips_are_wrong_and_the_rest_right(world):
+    for record in world["files"]["sft.json"] + world["files"]["rl.json"]:
+        pseudo = rewards.compute_reward(record["meta"]["pseudo_answer"], record)
+        clean = rewards.compute_reward(record["answer"], record)
+        if record["meta"]["pseudo_flipped"]:
+            assert pseudo["reward"] < clean["reward"], (record["id"], pseudo)
+            if record["verifier_type"] != "open":
+                assert not pseudo["correct"], (record["id"], pseudo)
+        else:
+            assert pseudo["reward"] == clean["reward"], (record["id"], pseudo, clean)
+
+
+# --- pseudo traces --------------------------------------------------------------------------------------------
+
+
+def has_aha(text: str) -> bool:
+    return any(word in text.lower() for word in AHA_WORDS)
+
+
+def test_aha_words_only_in_pseudo_traces(world):
+    for record in all_records(world):
+        assert has_aha(record["meta"]["pseudo_answer"]), record["meta"]["pseudo_answer"]
+        assert not has_aha(clean_answer(record)), clean_answer(record)
+        assert not has_aha(record["meta"]["direct_answer"]), record["meta"]["direct_answer"]
+        assert len(record["meta"]["pseudo_answer"]) > len(clean_answer(record))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_flip_rate_is_respected(tmp_path, rate):
+    n = 600 if rate == 0.3 else 50
+    records = toyworld.generate_split(n, seed=11, image_dir=str(tmp_path), prefix="flip", pseudo_flip_rate=rate)
+    flipped = [r["meta"]["pseudo_flipped"] for r in records]
+    # A flipped trace ends with a revision ("mistake"); the others end with a confirmation.
+    assert flipped == ["mistake" in r["meta"]["pseudo_answer"].lower() for r in records]
+    tolerance = 4 * math.sqrt(rate * (1 - rate) / n)  # 4 binomial standard deviations
+    assert abs(sum(flipped) / n - rate) <= tolerance
+
+
+def test_bad_flip_rate_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="pseudo_flip_rate"):
+        toyworld.generate_split(1, seed=0, image_dir=str(tmp_path), prefix="x", pseudo_flip_rate=1.5)
+
+
+# --- splits, determinism, speed -------------------------------------------------------------------------------
+
+
+def test_splits_are_disjoint(world):
+    seen = {}
+    for name in ("base.json", "sft.json", "rl.json", "test.json"):
+        for record in world["files"][name]:
+            key = (record["meta"]["scene_key"], record["question"])
+            assert key not in seen, f"{record['id']} repeats {seen[key]}"
+            seen[key] = record["id"]
+    assert len(set(world["manifest"]["split_seeds"].values())) == len(toyworld.SPLITS)
+
+
+def test_check_disjoint_catches_a_repeat(world):
+    rl = world["files"]["rl.json"]
+    with pytest.raises(ValueError, match="repeats"):
+        toyworld.check_disjoint({"rl": rl, "test": [rl[0]]})
+
+
+def test_generation_avoids_excluded_pairs(tmp_path):
+    """Many one-object scenes make collisions likely; an exclude set from a first split must still hold."""
+    used: set = set()
+    first = toyworld.generate_split(300, seed=1, image_dir=str(tmp_path), prefix="a", exclude=used)
+    second = toyworld.generate_split(300, seed=2, image_dir=str(tmp_path), prefix="b", exclude=used)
+    toyworld.check_disjoint({"a": first, "b": second})
+    assert len(used) == 600
+
+
+def test_same_seed_same_files(world, tmp_path):
+    toyworld.build_world(str(tmp_path), SMALL_SIZES, seed=3)
+    for name in (*FILES, "world.json"):
+        assert (tmp_path / name).read_bytes() == (world["out"] / name).read_bytes(), name
+    images = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert images == sorted(p.name for p in (world["out"] / "images").iterdir())
+    for name in images[::17]:
+        assert (tmp_path / "images" / name).read_bytes() == (world["out"] / "images" / name).read_bytes()
+
+
+def test_other_seed_other_world(tmp_path):
+    toyworld.build_world(str(tmp_path / "a"), {"base": 5, "sft": 5, "rl": 5, "test": 5}, seed=0)
+    toyworld.build_world(str(tmp_path / "b"), {"base": 5, "sft": 5, "rl": 5, "test": 5}, seed=1)
+    assert (tmp_path / "a" / "rl.json").read_text() != (tmp_path / "b" / "rl.json").read_text()
+
+
+def test_manifest(world):
+    manifest = json.loads((world["out"] / "world.json").read_text())
+    assert manifest["sizes"] == SMALL_SIZES and manifest["seed"] == 3
+    assert manifest["files"] == {name: len(world["files"][name]) for name in FILES}
+    assert manifest["version"] == toyworld.VERSION
+
+
+def test_default_world_builds_in_under_a_minute(world):
+    per_record = world["seconds"] / sum(SMALL_SIZES.values())
+    estimate = per_record * sum(toyworld.DEFAULT_SIZES.values())
+    assert estimate < 60, f"default world would take ~{estimate:.0f} s"
+
+
+def test_flip_rate_changes_only_the_pseudo_traces(tmp_path):
+    """The flip rate is the experiment's knob: scenes, questions and the other targets must not move with it."""
+    low = toyworld.generate_split(100, seed=4, image_dir=str(tmp_path / "a"), prefix="x", pseudo_flip_rate=0.1)
+    high = toyworld.generate_split(100, seed=4, image_dir=str(tmp_path / "b"), prefix="x", pseudo_flip_rate=0.9)
+    for a, b in zip(low, high, strict=True):
+        assert (a["question"], a["gt"], a["answer"], a["meta"]["scene"], a["meta"]["direct_answer"]) == \
+               (b["question"], b["gt"], b["answer"], b["meta"]["scene"], b["meta"]["direct_answer"])
+    assert sum(a["meta"]["pseudo_flipped"] for a in low) < sum(b["meta"]["pseudo_flipped"] for b in high)
