@@ -1,0 +1,255 @@
+"""The rollout engine: batched sampling of G completions per prompt with a static KV cache.
+
+GRPO spends most of its time here, so the engine does the minimum per generated token:
+
+1. Prefill each prompt ONCE (its images are encoded once) into a preallocated KV cache of
+   B x (T_prompt + max_new_tokens) slots. Prompts are left padded, so every prompt's last token sits in
+   column T-1 and its next-token logits are `lm_head(hidden[:, -1])` (the head runs on that column only).
+2. Copy the cache and those logits into the G sample rows of each prompt (`KVCache.expand`; rows are
+   prompt-major: row = p * G + g). Every row then draws its OWN first token -- drawing it before the copy
+   would make all G samples of a group start identically.
+3. Decode with fixed shapes: one token per row per step, written at cache slot T + step, position id
+   next_position + step on all three MRoPE axes (generated text is text). Rows that have emitted a stop
+   token keep being fed the pad token (their slots are never read by a live row: rows are independent);
+   their log-prob is 0 and they stop counting length. The host checks "all rows done" only every
+   `sync_every` steps, so the loop never waits on the device for a single token.
+
+Sampling: logits / temperature, then top-k, then top-p (nucleus: the smallest set of most likely tokens
+whose probability reaches top_p, never empty), then one draw per row with the Gumbel-max trick:
+argmax_i(logit_i / T + g_i) with g_i = -log(-log U_i), U_i ~ Uniform(0, 1), is a sample from
+softmax(logits / T) (no softmax, no multinomial). The noise is drawn from the caller's torch.Generator into
+a preallocated buffer outside the (optionally compiled) step, so the same seed gives the same samples and
+the step stays a pure fixed-shape function.
+`greedy=True` takes the argmax and draws nothing.
+
+Returned log-probs are log softmax(logits / temperature)[token] of the UNFILTERED temperature-scaled
+distribution. With top_p=1 and top_k=0 that is exactly the distribution sampled from (what GRPO's ratio
+needs, and what a later forward pass with the same temperature recomputes); with top-k/top-p they are
+not renormalised over the kept tokens. Full-vocabulary logits are never kept beyond the current step.
+
+The paper samples G = 4 rollouts per prompt at temperature 0.8 (SPEC.md); those are the caller's
+SamplingParams. Deviations from transformers' generate: no repetition penalty, beam search or
+min_new_tokens; stopping is by stop token ids or max_new_tokens only; completions are trimmed to the
+longest row. `compile=True` wraps the decode step (model forward on one token + sampling) in
+torch.compile (default mode, one graph for all steps); tests run eager.
+
+Usage:
+    engine = Engine(model, pad_token_id=processor.pad_token_id)         # compile=True on GPU
+    params = SamplingParams(max_new_tokens=512, temperature=0.8, stop_token_ids=(im_end_id, endoftext_id))
+    rollout = engine.generate(batch, num_samples=4, params=params,
+                              generator=torch.Generator(device).manual_seed(0))
+    rollout.completion_ids   # (B*G, L), row p*G+g is sample g of prompt p
+"""
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from vlaa_min.model import KVCache, VLModel
+from vlaa_min.rope import next_position_ids
+
+# With compile=True the cache length is rounded up to a multiple of this, so that prompts of varying length
+# reuse a handful of compiled decode graphs instead of recompiling for every batch.
+COMPILED_CACHE_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # e.g. (<|im_end|>, <|endoftext|>); included in the completion
+    # Never sampled, e.g. <|image_pad|>: a generated image placeholder could not be re-scored by a forward pass
+    # (the model would look for an image to put there). Log-probs stay those of the unfiltered distribution.
+    banned_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(
+                f"SamplingParams.temperature must be > 0 (greedy=True for argmax), got {self.temperature}"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+        object.__setattr__(self, "banned_token_ids", tuple(int(i) for i in self.banned_token_ids))
+
+
+@dataclass
+class Rollout:
+    completion_ids: torch.Tensor  # (N, L) long, pad_token_id after each row's end
+    completion_lengths: torch.Tensor  # (N,) long, the stop token included
+    finished_by_stop: torch.Tensor  # (N,) bool: ended with a stop token (else cut at max_new_tokens)
+    finish_reasons: list[str]  # N x "stop" | "length"
+    logprobs: torch.Tensor  # (N, L) float32, log p(token) under softmax(logits / T); 0 past the end
+    prompt_index: torch.Tensor  # (N,) long, row p * G + g -> p
+
+    def to(self, device) -> "Rollout":
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "finish_reasons"}
+        return replace(self, **{name: tensor.to(device) for name, tensor in tensors.items()})
+
+
+def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p (nucleus) filtering of temperature-scaled logits (N, V): removed tokens get -inf.
+
+    Top-k keeps every token tied with the k-th largest logit.
+    """
+    if top_k > 0 and top_k < scaled.shape[-1]:
+        kth_largest = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # (N, V)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the more likely tokens
+        # Keep a token while the more likely ones hold less than top_p; the most likely token always stays.
+        remove_sorted = mass_before >= top_p
+        remove_sorted[:, 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)  # back to vocabulary order
+        scaled = scaled.masked_fill(remove, float("-inf"))
+    return scaled
+
+
+def draw_gumbel_(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill `noise` in place with Gumbel(0, 1) draws -log(-log U); U is kept above 0 so every draw is finite."""
+    uniform = noise.uniform_(generator=generator).clamp_(min=torch.finfo(noise.dtype).tiny)
+    return uniform.log_().neg_().log_().neg_()
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: SamplingParams, gumbel: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens (N,) and their log-probs (N,) float32 under the unfiltered softmax(logits / temperature).
+
+    gumbel: (N, V) Gumbel(0, 1) noise from draw_gumbel_ (ignored when greedy).
+    """
+    scaled = logits.float() / params.temperature  # (N, V)
+    allowed = scaled
+    if params.banned_token_ids:
+        allowed = scaled.index_fill(1, scaled.new_tensor(params.banned_token_ids, dtype=torch.long), float("-inf"))
+    if params.greedy:
+        tokens = allowed.argmax(dim=-1)
+    else:
+        filtered = filter_logits(allowed, params.top_k, params.top_p)
+        tokens = (filtered + gumbel).argmax(dim=-1)  # (N,) Gumbel-max: one exact draw per row
+    chosen = scaled.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, chosen - torch.logsumexp(scaled, dim=-1)
+
+
+class Engine:
+    """Samples G completions per prompt from a VLModel; see the module docstring."""
+
+    def __init__(self, model: VLModel, pad_token_id: int, compile: bool = False, sync_every: int = 8):
+        if sync_every < 1:
+            raise ValueError(f"Engine.sync_every must be >= 1, got {sync_every}")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.sync_every = sync_every
+        self.compiled = compile
+        # The decode step has fixed shapes, so one compiled graph serves every step of a generate call.
+        self._step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
+
+    def _decode_step(self, tokens, position_ids, cache_position, cache, gumbel, params):
+        """Feed one token per row (N,) at cache slot cache_position (1,) -> next tokens (N,), their log-probs (N,)."""
+        logits = self.model(tokens[:, None], position_ids, cache=cache, cache_position=cache_position)  # (N, 1, V)
+        return sample_tokens(logits[:, -1], params, gumbel)
+
+    @torch.inference_mode()
+    def generate(
+        self, batch, num_samples: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> Rollout:
+        """Sample `num_samples` completions for each prompt of a left-padded prompt batch.
+
+        batch: input_ids (B, T), attention_mask (B, T) bool, position_ids (3, B, T), pixel_values,
+        image_grid_thw -- a PromptBatch from Processor.collate_prompts. generator: the source of every
+        random draw, on the model's device (may be None only with greedy=True).
+        """
+        device = self.model.lm_head.weight.device
+        if num_samples < 1:
+            raise ValueError(f"Engine.generate: num_samples must be >= 1, got {num_samples}")
+        if not params.greedy and (generator is None or generator.device.type != device.type):
+            where = None if generator is None else generator.device
+            raise ValueError(f"Engine.generate: sampling needs a torch.Generator on {device}, got {where}")
+        input_ids = batch.input_ids.to(device)  # (B, T)
+        attention_mask = batch.attention_mask.to(device=device, dtype=torch.bool)  # (B, T)
+        position_ids = batch.position_ids.to(device)  # (3, B, T)
+        pixel_values = None if batch.pixel_values is None else batch.pixel_values.to(device)
+        image_grid_thw = None if batch.image_grid_thw is None else batch.image_grid_thw.to(device)
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"Engine.generate: batch.input_ids {tuple(input_ids.shape)} and batch.attention_mask "
+                f"{tuple(attention_mask.shape)} must be the same (B, T)"
+            )
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("Engine.generate: prompts must be LEFT padded (every row's last column a real token)")
+
+        prompt_count, prompt_len = input_ids.shape
+        rows, max_new = prompt_count * num_samples, params.max_new_tokens
+
+        # --- prefill: each prompt (and its images) once
+        cache_len = prompt_len + max_new
+        if self.compiled:
+            cache_len = -(-cache_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+        cache = KVCache.for_model(self.model, prompt_count, cache_len)
+        hidden = self.model(
+            input_ids,
+            position_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            cache=cache,
+            cache_position=torch.arange(prompt_len, device=device),
+            return_hidden=True,
+        )  # (B, T, D)
+        first_logits = self.model.lm_head(hidden[:, -1])  # (B, V): left padding puts every last token in column T-1
+
+        # --- copy into the G sample rows of each prompt (row p*G + g); each row then draws its own first token
+        cache = cache.expand(num_samples)
+        first_logits = first_logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+        next_position = next_position_ids(position_ids, attention_mask).repeat_interleave(num_samples)  # (N,)
+        # Generated tokens are text: the same position on all three MRoPE axes, one more per step.
+        step_positions = (next_position[:, None] + torch.arange(max_new, device=device)).expand(3, -1, -1)  # (3,N,L)
+        cache_positions = torch.arange(prompt_len, prompt_len + max_new, device=device)  # (L,)
+
+        completion_ids = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        gumbel = None if params.greedy else torch.empty(first_logits.shape, dtype=torch.float32, device=device)
+
+        # --- decode: step s records token s, then feeds it to get token s + 1
+        if gumbel is not None:
+            draw_gumbel_(gumbel, generator)
+        tokens, token_logprobs = sample_tokens(first_logits, params, gumbel)
+        for step in range(max_new):
+            tokens = tokens.masked_fill(done, self.pad_token_id)  # finished rows are fed the pad token
+            completion_ids[:, step] = tokens
+            logprobs[:, step] = token_logprobs.masked_fill(done, 0.0)
+            lengths += ~done
+            hit_stop = torch.isin(tokens, stop_ids) & ~done
+            stopped |= hit_stop
+            done |= hit_stop
+            # The only host sync of the loop, every sync_every steps.
+            if step == max_new - 1 or ((step + 1) % self.sync_every == 0 and bool(done.all())):
+                break
+            if gumbel is not None:
+                draw_gumbel_(gumbel, generator)
+            tokens, token_logprobs = self._step(
+                tokens, step_positions[:, :, step : step + 1], cache_positions[step : step + 1], cache, gumbel, params
+            )
+
+        longest = int(lengths.max())
+        return Rollout(
+            completion_ids=completion_ids[:, :longest],
+            completion_lengths=lengths,
+            finished_by_stop=stopped,
+            finish_reasons=["stop" if hit else "length" for hit in stopped.tolist()],
+            logprobs=logprobs[:, :longest],
+            prompt_index=torch.arange(prompt_count, device=device).repeat_interleave(num_samples),
+        )
