@@ -631,6 +631,12 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self._split_layers()
+
+    def _split_layers(self) -> None:
+        # One (k, v) view per layer, made once: writing through `self.k[i]` inside a compiled step would make
+        # torch.compile treat the whole stacked buffer as mutated and copy all of it back every token.
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
     @classmethod
     def for_model(cls, model: "VLModel", batch_size: int, max_len: int) -> "KVCache":
@@ -652,6 +658,7 @@ class KVCache:
         expanded.k = self.k.repeat_interleave(repeats, dim=1)
         expanded.v = self.v.repeat_interleave(repeats, dim=1)
         expanded.valid = self.valid.repeat_interleave(repeats, dim=0)
+        expanded._split_layers()
         return expanded
 
 
@@ -676,9 +683,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            cache.k[self.layer_index].index_copy_(2, cache_position, k)
-            cache.v[self.layer_index].index_copy_(2, cache_position, v)
-            k, v = cache.k[self.layer_index], cache.v[self.layer_index]  # (B, Hkv, S_max, Dh)
+            k_cache, v_cache = cache.layers[self.layer_index]  # (B, Hkv, S_max, Dh)
+            # Cast on write: under autocast k and v can come out in different dtypes than the cache's.
+            k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
+            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
         # Grouped-query attention without copying K/V per query head (costly over a long cache): the
         # query heads sharing a KV head are folded into its query axis; `mask` was repeated to match.
         groups = self.num_heads // self.num_kv_heads
