@@ -230,6 +230,7 @@ class SFTBatch:
     image_grid_thw: torch.Tensor | None  # (I, 3)
     loss_mask: torch.Tensor  # (B, T) bool
     lengths: torch.Tensor  # (B,)
+    truncated: torch.Tensor  # (B,) bool: the response was cut to fit max_length
 
     def to(self, device) -> "SFTBatch":
         return _move(self, device)
@@ -247,6 +248,9 @@ class Processor:
         self.pad_token_id = self.special_ids["pad_token_id"]
         # Generation ends a turn at <|im_end|>; <|endoftext|> also stops a base model that never learned ChatML.
         self.stop_token_ids = tuple(dict.fromkeys([self.eos_token_id, self.pad_token_id]))
+        # Placeholders that only the processor may write into a prompt; generation must never emit them.
+        self.vision_token_ids = tuple(self.special_ids[name] for name in (
+            "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Processor":
@@ -429,4 +433,5 @@ class Processor:
             image_grid_thw=image_grid_thw,
             loss_mask=loss_mask,
             lengths=lengths,
+            truncated=torch.tensor([sample.truncated for sample in encoded]),
         )

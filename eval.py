@@ -1,0 +1,184 @@
+"""Evaluate a checkpoint on a split in the VLAA-Thinking format: accuracy per reward type and reasoning statistics.
+
+The answer extraction and reward rules are exactly the training ones (rewards.py): the single <answer> block is the
+answer, anything else scores 0 ("format"). Per reward type we report accuracy (reward == 1; for iou: IoU >= 0.5, the
+usual detection threshold) and the mean reward (for iou: the mean IoU), plus the share of format failures, the mean
+response length in tokens and the paper's "aha" word counts (substring match, lower-cased).
+
+With --samples k > 1 (temperature sampling) it also reports pass@k with the unbiased estimator of Chen et al.
+(2021): pass@k = 1 - C(n - c, k) / C(n, k) per question (n samples, c correct), averaged, and mean@k (the mean
+accuracy over the samples).
+
+Paper vs here: the paper evaluates with VLMEvalKit on six math benchmarks (max_new_tokens 800, falling back to the
+whole response when there is no answer block). We evaluate any split converted to the VLAA-Thinking record format
+with the training reward rules (no fallback: a missing answer block is wrong, as in training).
+
+    python eval.py --model runs/grpo/model --data toy/test.json --images toy/images
+    python eval.py --model runs/grpo/model --data toy/test.json --samples 8 --temperature 0.8 --show 5
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import data
+import rewards
+from vlaa_min.cli import parse_config, print_config
+from vlaa_min.generate import Engine, SamplingParams
+from vlaa_min.model import VLModel
+from vlaa_min.pipeline import AHA_WORDS  # the paper's list, also used to split SFT / RL data
+from vlaa_min.processor import Processor
+from vlaa_min.runtime import autocast, resolve_device, resolve_dtype
+
+
+
+@dataclass
+class EvalConfig:
+    model: str = field(default="runs/grpo/model", metadata={"help": "HF-format checkpoint directory"})
+    data: str = field(default="toy/test.json", metadata={"help": "records to evaluate (JSON or JSONL)"})
+    images: str = field(default="toy/images", metadata={"help": "images root of the records"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N records (0 = all)"})
+    samples: int = field(default=1, metadata={"help": "responses per question (k for pass@k / mean@k)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (then --samples must be 1)"})
+    max_new_tokens: int = field(default=800, metadata={"help": "the paper's evaluation budget"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
+    require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU), fp32, bf16"})
+    out: str | None = field(default=None, metadata={"help": "directory for results.json and results.md "
+                                                             "(default: <model>/eval-<split name>)"})
+    show: int = field(default=0, metadata={"help": "print N responses next to their references"})
+
+    def __post_init__(self):
+        if self.temperature == 0 and self.samples != 1:
+            raise ValueError("greedy decoding (--temperature 0) gives one response per question; use --samples 1")
+
+
+def aha_count(text: str) -> int:
+    lowered = text.lower()
+    return sum(lowered.count(word) for word in AHA_WORDS)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(records: list[dict], responses: list[list[str]], results: list[list[dict]],
+              lengths: list[list[int]]) -> dict:
+    """Aggregate per-question lists of k (response, reward result, token length) into the report."""
+    by_type: dict[str, dict] = {}
+    k = len(responses[0]) if responses else 1
+    for record, texts, scored, token_lengths in zip(records, responses, results, lengths):
+        row = by_type.setdefault(record["verifier_type"], {"n": 0, "correct": 0.0, "reward": 0.0, "pass": 0.0})
+        correct = sum(r["correct"] for r in scored)
+        row["n"] += 1
+        row["correct"] += correct / k
+        row["reward"] += sum(r["reward"] for r in scored) / k
+        row["pass"] += pass_at_k(k, correct, k)
+    flat = [r for scored in results for r in scored]
+    all_texts = [t for texts in responses for t in texts]
+    all_lengths = [n for per_question in lengths for n in per_question]
+    per_type = {t: {"n": row["n"], "accuracy": row["correct"] / row["n"], "mean_reward": row["reward"] / row["n"],
+                    f"pass@{k}": row["pass"] / row["n"]} for t, row in sorted(by_type.items())}
+    total = sum(row["n"] for row in by_type.values())
+    return {
+        "n": total,
+        "samples_per_question": k,
+        "accuracy": sum(row["correct"] for row in by_type.values()) / max(total, 1),
+        f"pass@{k}": sum(row["pass"] for row in by_type.values()) / max(total, 1),
+        "per_type": per_type,
+        "format_failure": sum(r["reason"] == "format" for r in flat) / max(len(flat), 1),
+        "mean_length": sum(all_lengths) / max(len(all_lengths), 1),
+        "aha_per_response": sum(aha_count(t) for t in all_texts) / max(len(all_texts), 1),
+        "aha_share": sum(aha_count(t) > 0 for t in all_texts) / max(len(all_texts), 1),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, processor, records: list[dict], images_root: str, *, samples: int = 1, temperature: float = 0.0,
+             max_new_tokens: int = 800, batch_size: int = 32, reward_config=None, seed: int = 0, engine=None,
+             precision: torch.dtype = torch.float32, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Generate for every record, score with the training rewards; returns (summary, per-response rows)."""
+    device = next(model.parameters()).device
+    engine = engine or Engine(model, pad_token_id=processor.special_ids["pad_token_id"])
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
+                            stop_token_ids=processor.stop_token_ids,
+                              banned_token_ids=processor.vision_token_ids)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    responses, results, lengths, rows = [], [], [], []
+    for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress, leave=False):
+        chunk = records[start : start + batch_size]
+        batch = data.collate_prompts(chunk, processor, images_root).to(device)
+        with autocast(device, precision):
+            rollout = engine.generate(batch, samples, params, generator)
+        for p, record in enumerate(chunk):
+            texts, lens = [], []
+            for g in range(samples):
+                row = p * samples + g
+                n = int(rollout.completion_lengths[row])
+                texts.append(processor.decode(rollout.completion_ids[row, :n].tolist()))
+                lens.append(n)
+            scored = rewards.compute_rewards(texts, [record] * samples, config=reward_config)
+            responses.append(texts), results.append(scored), lengths.append(lens)
+            rows.extend({"id": record.get("id"), "type": record["verifier_type"], "question": record["question"],
+                         "gt": record["gt"], "response": t, **s} for t, s in zip(texts, scored))
+    model.train(was_training)
+    return summarize(records, responses, results, lengths), rows
+
+
+def markdown_table(summaries: dict[str, dict]) -> str:
+    """One row per evaluated model: overall and per-type accuracy, format failures, length, aha words."""
+    types = sorted({t for s in summaries.values() for t in s["per_type"]})
+    header = ["model", "overall"] + types + ["format fail", "mean length", "aha / response"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, s in summaries.items():
+        cells = [name, f"{100 * s['accuracy']:.1f}"]
+        cells += [f"{100 * s['per_type'][t]['accuracy']:.1f}" if t in s["per_type"] else "-" for t in types]
+        cells += [f"{100 * s['format_failure']:.1f}%", f"{s['mean_length']:.0f}", f"{s['aha_per_response']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(cfg: EvalConfig) -> dict:
+    print_config(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_dtype(cfg.precision, device)
+    records = data.load_records(cfg.data, cfg.images)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    processor = Processor.from_pretrained(cfg.model)
+    model = VLModel.from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else precision,
+                                    device=device)
+    reward_config = rewards.RewardConfig(require_think=cfg.require_think)
+    summary, rows = evaluate(model, processor, records, cfg.images, samples=cfg.samples, temperature=cfg.temperature,
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                             reward_config=reward_config, seed=cfg.seed, precision=precision)
+    out = cfg.out or os.path.join(cfg.model, "eval-" + os.path.splitext(os.path.basename(cfg.data))[0])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"config": vars(cfg), "summary": summary, "responses": rows}, f, indent=1)
+    table = markdown_table({os.path.basename(os.path.normpath(cfg.model)): summary})
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    for row in rows[: cfg.show]:
+        print(f"\n[{row['type']}] {row['question']}\n  reference: {row['gt']}\n  response:  {row['response']}\n"
+              f"  reward {row['reward']:.2f} ({row['reason']})")
+    print("\n" + table)
+    print(f"results in {out}/results.json and results.md")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_config(EvalConfig, description=__doc__.split("\n")[0]))

@@ -1,0 +1,122 @@
+"""End-to-end training on a trivial verifiable task: SFT teaches the format, GRPO learns the answer.
+
+The task: every question is a four-option multiple choice whose right answer is always "C". SFT on answers
+drawn uniformly from A-D teaches the <answer> format but no preference (accuracy near chance, 1/4); GRPO with
+the mcq reward must then move the policy to "C". Also checked here: exact resume of both trainers (fp32, CPU),
+and that a checkpoint written by SFT loads in transformers with the same logits.
+"""
+
+import dataclasses
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+import train_grpo
+import train_sft
+from vlaa_min.model import VLModel
+from vlaa_min.processor import Processor
+from vlaa_min.toy_model import build_toy_checkpoint
+
+QUESTION = "Which letter is right?\nA. one\nB. two\nC. three\nD. four"
+TINY = dict(text_num_hidden_layers=2, text_hidden_size=64, text_intermediate_size=128, text_num_attention_heads=2,
+            text_num_key_value_heads=1, text_mrope_section=[4, 6, 6], vision_depth=1, vision_out_hidden_size=64)
+
+
+def _records(n: int, seed: int, with_answer: bool) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        record = {"id": f"r{seed}-{i}", "question": QUESTION, "gt": "C", "verifier_type": "mcq"}
+        if with_answer:
+            letter = rng.choice("ABCD")
+            record["answer"] = f"<think>It is {letter}.</think> <answer>{letter}</answer>"
+        records.append(record)
+    return records
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trivial")
+    splits = {"sft": _records(256, 0, True), "rl": _records(64, 1, False), "test": _records(32, 2, False)}
+    for name, records in splits.items():
+        (root / f"{name}.json").write_text(json.dumps(records))
+    build_toy_checkpoint(str(root / "init"), str(root), vocab_size=300, seed=0, **TINY)
+    sft_cfg = train_sft.SFTConfig(model=str(root / "init"), data=str(root / "sft.json"), images=str(root),
+                                  out=str(root / "sft"), steps=150, batch_size=16, micro_batch_size=16, lr=3e-3,
+                                  eval_size=16, eval_every=0, freeze_vision=False)
+    train_sft.main(sft_cfg)
+    return root
+
+
+def _grpo_config(root, out: str, **overrides) -> train_grpo.GRPOConfig:
+    settings = dict(model=str(root / "sft" / "model"), data=str(root / "rl.json"), images=str(root),
+                    eval_data=str(root / "test.json"), eval_size=0, out=str(root / out), steps=20,
+                    prompts_per_step=8, group_size=8, max_new_tokens=16, train_batch_size=64, micro_batch_size=32,
+                    lr=2e-3, kl_init=0.0, save_every=0, sample_every=0, eval_batch_size=32, seed=0)
+    settings.update(overrides)
+    return train_grpo.GRPOConfig(**settings)
+
+
+def test_grpo_learns_a_verifiable_task(world):
+    history = train_grpo.main(_grpo_config(world, "grpo"))
+    rewards = [json.loads(line)["reward"] for line in open(world / "grpo" / "metrics.jsonl")]
+    assert history["before"]["format_failure"] < 0.2, "SFT should have taught the <answer> format"
+    # Sampled answers start near chance (1/4: SFT saw the four letters equally often) ...
+    assert rewards[0] < 0.6
+    # ... and GRPO moves the policy to the always-right answer.
+    assert sum(rewards[-3:]) / 3 > 0.85
+    assert history["after"]["accuracy"] > 0.95
+
+
+def _parameters(path) -> dict[str, torch.Tensor]:
+    return VLModel.from_pretrained(path).state_dict()
+
+
+def _crash_after_first_checkpoint(out) -> None:
+    """Make a finished run look like one that crashed right after its first checkpoint."""
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    for later in checkpoints[1:]:
+        shutil.rmtree(later)
+    shutil.rmtree(out / "model")
+
+
+def test_grpo_resume_is_exact(world):
+    config = _grpo_config(world, "resume-grpo", steps=4, eval_data=None, kl_init=1e-2, kl_target=5e-3, save_every=2,
+                          train_batch_size=32, micro_batch_size=16)
+    train_grpo.main(config)
+    straight = _parameters(world / "resume-grpo" / "model")
+    _crash_after_first_checkpoint(world / "resume-grpo")
+    train_grpo.main(dataclasses.replace(config, resume=True))
+    resumed = _parameters(world / "resume-grpo" / "model")
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_sft_resume_is_exact(world):
+    config = train_sft.SFTConfig(model=str(world / "init"), data=str(world / "sft.json"), images=str(world),
+                                 out=str(world / "resume-sft"), steps=6, batch_size=16, micro_batch_size=8, lr=3e-3,
+                                 eval_size=16, eval_every=0, save_every=3, freeze_vision=False)
+    train_sft.main(config)
+    straight = _parameters(world / "resume-sft" / "model")
+    _crash_after_first_checkpoint(world / "resume-sft")
+    train_sft.main(dataclasses.replace(config, resume=True))
+    resumed = _parameters(world / "resume-sft" / "model")
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_sft_checkpoint_loads_in_transformers_with_the_same_logits(world):
+    from transformers import AutoModelForImageTextToText
+
+    path = world / "sft" / "model"
+    ours = VLModel.from_pretrained(path).eval()
+    theirs = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = Processor.from_pretrained(path)
+    batch = processor.collate_prompts([processor.encode_prompt(QUESTION, [])])
+    with torch.no_grad():
+        expected = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+        got = ours(batch.input_ids, batch.position_ids, batch.attention_mask)
+    assert torch.allclose(got, expected, atol=1e-4)

@@ -1,0 +1,371 @@
+"""GRPO for vision-language models with the paper's mixed reward: one readable loop.
+
+Each step: rollout -> reward -> advantage -> loss -> update -> log -> eval/save.
+
+For every prompt q (image + question) of the step, G completions o_1..o_G are sampled from the policy at
+temperature tau (the "old" policy pi_old: the weights at rollout time), and each gets one reward r_i in [0, 1] from
+rewards.py, picked by the sample's type (digit / mcq / math / iou / open; a missing or repeated <answer> block
+scores 0: the paper's implicit format reward). Then, with pi(o_t) = softmax(logits / tau)[o_t] in every pass:
+
+    A_i  = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-9)                    [advantage]   (--scale-adv-by-std)
+    rho  = pi_theta(o_{i,t}) / pi_old(o_{i,t})                                  [ratio]       rollout log-probs
+    l    = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i)             [clipped PG]  (--clip-low/--clip-high)
+         + beta * KL_t(pi_theta || pi_ref)   (k3: exp(d) - d - 1, d = log pi_ref - log pi_theta)  [KL] (--kl-*)
+    J    = mean over completions of the mean over their tokens of l            [aggregation] (--loss-aggregation)
+
+The terms live in vlaa_min/grpo_loss.py (group_advantages, policy_loss, kl_per_token, aggregate_tokens); this
+file is the loop. Each rollout of P prompts x G samples is cut into optimizer batches of --train-batch-size samples
+(each in micro-batches with gradient accumulation), and the buffer is passed over --mu times; every batch after
+the first is off-policy, which is what the clip is for. beta follows the adaptive controller (the paper's best
+"KL2": init 1e-3, target 5e-4) or stays fixed (--kl-target 0); --kl-init 0 loads no reference model at all.
+
+Paper (OpenRLHF) vs here: G = 4, temperature 0.8, rollout batch 512 prompts, train batch 256, adaptive KL
+(1e-3 -> 5e-4), cosine LR with 3% warmup to a 5e-7 floor (peak not reported; OpenRLHF's floor is 0.1 x peak, so
+5e-6), eps 0.2, seq-mean-token-mean loss, KL in the loss, 1024 new tokens. `make grpo` with MODEL/DATA/IMAGES uses
+those values. The toy default shrinks the batch and length to fit a 2-core CPU and raises the LR for a tiny model;
+clip-higher (DAPO), Dr. GRPO's aggregation and unscaled advantages, mu > 1 and dropping zero-variance groups are
+options, off by default. The vision tower is frozen by default (as in the paper's SFT; RL is not stated).
+
+    make grpo                                   # toy world, CPU: data + base if missing, then GRPO and eval
+    python train_grpo.py --model runs/base/model --out runs/grpo
+    make grpo MODEL=Qwen2.5-VL-3B-Instruct DATA=VLAA-Thinking-GRPO-25K.json IMAGES=images
+Resume with the same command plus --resume true.
+"""
+
+import copy
+import dataclasses
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+import rewards
+from vlaa_min.cli import parse_config, print_config, save_config
+from vlaa_min.generate import Engine, SamplingParams
+from vlaa_min.grpo_loss import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    group_advantages,
+    loss_normaliser,
+    policy_loss,
+)
+from vlaa_min.logprobs import completion_logprobs
+from vlaa_min.metrics import MetricsLogger, plot_curves
+from vlaa_min.model import VLModel
+from vlaa_min.processor import Processor
+from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from vlaa_min.schedule import cosine_with_warmup
+from vlaa_min.train_state import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+
+
+@dataclass
+class GRPOConfig:
+    # data and model
+    model: str = field(default="runs/base/model", metadata={"help": "policy init (HF-format checkpoint directory)"})
+    data: str = field(default="toy/rl.json", metadata={"help": "RL records (VLAA-Thinking GRPO JSON or JSONL)"})
+    images: str = field(default="toy/images", metadata={"help": "images root of the records"})
+    eval_data: str | None = field(default="toy/test.json", metadata={"help": "held-out split (none = no eval)"})
+    eval_size: int = field(default=250, metadata={"help": "held-out records evaluated (0 = all)"})
+    out: str = field(default="runs/grpo", metadata={"help": "run directory"})
+    # rollout
+    steps: int = field(default=100, metadata={"help": "rollout steps (paper: 49 = one epoch of 25,195 prompts)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout (paper: 512)"})
+    group_size: int = field(default=8, metadata={"help": "G, samples per prompt (paper: 4)"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature; log-probs use it too"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off; off keeps ratios exact)"})
+    max_new_tokens: int = field(default=96, metadata={"help": "completion budget (paper: 1024)"})
+    max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are an error"})
+    # optimisation
+    train_batch_size: int = field(default=128, metadata={"help": "samples per optimizer update (paper: 256)"})
+    micro_batch_size: int = field(default=32, metadata={"help": "samples per forward/backward"})
+    mu: int = field(default=1, metadata={"help": "passes over each rollout buffer (PPO epochs)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper-scale models: 5e-6)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of updates with linear warmup (paper: 3%)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor / peak (paper: 5e-7 / 5e-6)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    clip_low: float = field(default=0.2, metadata={"help": "eps_low of the ratio clip"})
+    clip_high: float = field(default=0.2, metadata={"help": "eps_high (DAPO's clip-higher: 0.28)"})
+    loss_aggregation: str = field(default="seq-mean-token-mean", metadata={"help": "|".join(AGGREGATIONS)})
+    scale_adv_by_std: bool = field(default=True, metadata={"help": "divide advantages by the group std "
+                                                                    "(false: Dr. GRPO)"})
+    drop_zero_std_groups: bool = field(default=False, metadata={"help": "train only on groups whose rewards differ"})
+    kl_init: float = field(default=1e-3, metadata={"help": "beta at the start (0 = no KL, no reference model)"})
+    kl_target: float = field(default=5e-4, metadata={"help": "adaptive controller target (0 = fixed beta)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive controller horizon (samples)"})
+    kl_estimator: str = field(default="k3", metadata={"help": "|".join(KL_ESTIMATORS)})
+    freeze_vision: bool = field(default=True, metadata={"help": "keep the vision tower fixed"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    # reward
+    require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
+    open_scorer: str | None = field(default=None, metadata={"help": "import path module:attr of an open-ended "
+                                                                     "scorer (default: toy scene / token F1)"})
+    # runtime
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    precision: str = field(default="auto", metadata={"help": "autocast dtype: auto (bf16 on GPU), fp32, bf16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the engine's decode step"})
+    seed: int = field(default=0, metadata={"help": "seed for data order and sampling"})
+    eval_every: int = field(default=0, metadata={"help": "held-out eval every N steps (0 = before and after)"})
+    eval_batch_size: int = field(default=50, metadata={"help": "prompts per eval generation batch"})
+    save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (0 = at the end only)"})
+    sample_every: int = field(default=20, metadata={"help": "print decoded samples every N steps (0 = never)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
+
+    def __post_init__(self):
+        rollout = self.prompts_per_step * self.group_size
+        if self.train_batch_size % self.micro_batch_size:
+            raise ValueError(f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-batch-size")
+        if rollout % self.train_batch_size:
+            raise ValueError(f"a rollout of {self.prompts_per_step} x {self.group_size} = {rollout} samples must be a "
+                             f"multiple of --train-batch-size {self.train_batch_size} (no sample is dropped)")
+        if self.group_size < 2:
+            raise ValueError("GRPO needs --group-size >= 2 to form a baseline")
+        if self.loss_aggregation not in AGGREGATIONS or self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"--loss-aggregation in {AGGREGATIONS}, --kl-estimator in {KL_ESTIMATORS}")
+
+
+def chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def score_completions(model, processor, encoded, rows, rollout, cfg, device, precision, with_entropy=False):
+    """Re-score rollout rows (indices into the buffer) under `model`: (n, L) log-probs, entropy, mask."""
+    lengths = rollout.completion_lengths[rows]
+    width = int(lengths.max())  # trim the micro-batch to its longest completion
+    prompts = processor.collate_prompts([encoded[int(p)] for p in rollout.prompt_index[rows]]).to(device)
+    with autocast(device, precision):
+        logp, entropy = completion_logprobs(model, prompts, rollout.completion_ids[rows, :width].to(device),
+                                            lengths.to(device), cfg.temperature, with_entropy=with_entropy)
+    mask = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
+    return logp, entropy, mask
+
+
+def evaluate_split(model, processor, engine, records, cfg, device, precision) -> dict:
+    summary, _ = evaluation.evaluate(model, processor, records, cfg.images, max_new_tokens=cfg.max_new_tokens,
+                                     batch_size=cfg.eval_batch_size, reward_config=reward_config(cfg), engine=engine,
+                                     precision=precision)
+    return summary
+
+
+def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
+    return rewards.RewardConfig(require_think=cfg.require_think, open_scorer=cfg.open_scorer)
+
+
+def main(cfg: GRPOConfig) -> dict:
+    print_config(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_dtype(cfg.precision, device)
+
+    # --- data: validated (fields, types, images) before anything runs
+    records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad)
+    eval_records = data.load_records(cfg.eval_data, cfg.images, skip_bad=cfg.skip_bad) if cfg.eval_data else []
+    eval_records = eval_records[: cfg.eval_size] if cfg.eval_size else eval_records
+    rewards_cfg = reward_config(cfg)
+    updates_per_step = cfg.mu * cfg.prompts_per_step * cfg.group_size // cfg.train_batch_size
+    total_updates = cfg.steps * updates_per_step
+    print(f"{len(records)} RL prompts, {len(eval_records)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
+          f"prompts x G={cfg.group_size}; {updates_per_step} update(s) per step")
+
+    # --- models: the policy (fp32 master weights) and, when beta can be > 0, a frozen reference
+    processor = Processor.from_pretrained(cfg.model)
+    policy = VLModel.from_pretrained(cfg.model, dtype=torch.float32, device=device)
+    policy.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.freeze_vision:
+        policy.visual.requires_grad_(False)
+    reference = None
+    if cfg.kl_init > 0:
+        reference = copy.deepcopy(policy).to(precision if device.type == "cuda" else torch.float32).eval()
+        reference.requires_grad_(False)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = cosine_with_warmup(optimizer, total_updates, cfg.warmup_ratio, cfg.min_lr_ratio)
+    kl_controller = (AdaptiveKLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
+                     else FixedKLController(cfg.kl_init))
+    sampler = data.EpochSampler(len(records), seed=cfg.seed)
+    engine = Engine(policy, pad_token_id=processor.special_ids["pad_token_id"], compile=cfg.compile)
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              stop_token_ids=processor.stop_token_ids,
+                              banned_token_ids=processor.vision_token_ids)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # rollout sampling
+    shuffler = torch.Generator().manual_seed(cfg.seed + 1)  # order of samples within a rollout buffer
+
+    start_step, history = 0, {}
+    checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
+    if checkpoint:
+        state = load_state(checkpoint)
+        policy.load_state_dict(VLModel.from_pretrained(checkpoint, dtype=torch.float32).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        kl_controller.load_state_dict(state["kl_controller"])
+        generator.set_state(state["generator"])
+        shuffler.set_state(state["shuffler"])
+        set_rng_state(state["rng"])
+        start_step, history = state["step"], state["history"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if checkpoint else None)
+
+    def save(step: int) -> None:
+        save_checkpoint(cfg.out, step, policy, processor, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(), "kl_controller": kl_controller.state_dict(),
+            "generator": generator.get_state(), "shuffler": shuffler.get_state(), "history": history,
+            "config": dataclasses.asdict(cfg)})
+
+    if eval_records and "before" not in history:
+        history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, device, precision)
+        print("held-out before GRPO:\n" + evaluation.markdown_table({"before": history["before"]}))
+
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="grpo",
+                    dynamic_ncols=True)
+    for step in progress:
+        # --- rollout: P prompts, each prefilled once, G samples each
+        t0 = time.perf_counter()
+        batch_records = [records[i] for i in sampler.next_batch(cfg.prompts_per_step)]
+        encoded = [data.encode_prompt(r, processor, cfg.images, cfg.max_prompt_length) for r in batch_records]
+        prompts = processor.collate_prompts(encoded).to(device)
+        policy.eval()
+        with autocast(device, precision):
+            rollout = engine.generate(prompts, cfg.group_size, sampling, generator)
+        policy.train()
+        rollout = rollout.to("cpu")  # rewards, advantages and bookkeeping run on the host
+        t1 = time.perf_counter()
+
+        # --- reward: one per completion, by the sample's type
+        lengths = rollout.completion_lengths  # (N,) stop token included
+        texts = [processor.decode(rollout.completion_ids[i, : int(n)].tolist()) for i, n in enumerate(lengths)]
+        samples = [batch_records[int(p)] for p in rollout.prompt_index]
+        scored = rewards.compute_rewards(texts, samples, config=rewards_cfg)
+        reward = torch.tensor([s["reward"] for s in scored]).view(cfg.prompts_per_step, cfg.group_size)  # (P, G)
+        t2 = time.perf_counter()
+
+        # --- advantage: normalised within each group of G
+        advantages = group_advantages(reward, cfg.scale_adv_by_std).flatten()  # (N,)
+        zero_std = reward.std(dim=1) == 0  # (P,) groups that carry no signal
+        rows = torch.arange(len(texts))
+        if cfg.drop_zero_std_groups:
+            rows = rows[~zero_std[rollout.prompt_index]]
+
+        # --- reference log-probs, once per rollout
+        ref_logp = None
+        if reference is not None and len(rows):
+            ref_logp = torch.zeros(rollout.logprobs.shape, device=device)  # (N, L), 0 past each length
+            with torch.no_grad():
+                for micro in chunks(rows, cfg.micro_batch_size):
+                    logp, _, mask = score_completions(reference, processor, encoded, micro, rollout, cfg, device,
+                                                      precision)
+                    ref_logp[micro.to(device), : mask.shape[1]] = logp.float()
+
+        # --- policy update: mu passes over the buffer, in optimizer batches of micro-batches
+        sums = defaultdict(float)
+        for _ in range(cfg.mu):
+            order = rows[torch.randperm(len(rows), generator=shuffler)]
+            for update_rows in chunks(order, cfg.train_batch_size):
+                normaliser = loss_normaliser(cfg.loss_aggregation, lengths[update_rows], cfg.max_new_tokens)
+                for micro in chunks(update_rows, cfg.micro_batch_size):
+                    logp, entropy, mask = score_completions(policy, processor, encoded, micro, rollout, cfg, device,
+                                                            precision, with_entropy=True)
+                    width = mask.shape[1]
+                    old = rollout.logprobs[micro, :width].to(device)
+                    ref = ref_logp[micro.to(device), :width] if ref_logp is not None else None
+                    loss, token_sums = policy_loss(
+                        logp, old, advantages[micro].to(device), mask, clip_low=cfg.clip_low,
+                        clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation, normaliser=normaliser,
+                        beta=kl_controller.value, ref_logp=ref, kl_estimator=cfg.kl_estimator)
+                    loss.backward()
+                    sums["loss"] += loss.item()
+                    sums["tokens"] += int(mask.sum())
+                    sums["entropy"] += float((entropy * mask).sum())
+                    if sums["updates"] == 0:  # on-policy: trainer and engine must agree (precision drift)
+                        sums["logp_drift"] += float(((logp.detach() - old).abs() * mask).sum())
+                        sums["drift_tokens"] += int(mask.sum())
+                    for name, value in token_sums.items():
+                        sums[name] += float(value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
+                sums["grad_norm"] += float(grad_norm)
+                sums["updates"] += 1
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+        mean_kl = sums["kl"] / max(sums["tokens"], 1)
+        kl_controller.update(mean_kl, n_samples=len(rows))
+        t3 = time.perf_counter()
+
+        # --- log
+        generated = int(lengths.sum())
+        row = {
+            "step": step + 1,
+            "reward": reward.mean().item(),
+            "reward_std": reward.std().item(),
+            "accuracy": sum(s["correct"] for s in scored) / len(scored),
+            "format_failure": sum(s["reason"] == "format" for s in scored) / len(scored),
+            "frac_reward_zero_std": zero_std.float().mean().item(),
+            "completion_length": lengths.float().mean().item(),
+            "completion_length_max": int(lengths.max()),
+            "truncated": sum(r == "length" for r in rollout.finish_reasons) / len(scored),
+            "loss": sums["loss"] / max(sums["updates"], 1),
+            "kl": mean_kl,
+            "beta": kl_controller.value,
+            "entropy": sums["entropy"] / max(sums["tokens"], 1),
+            "clip_low": sums["clip_low"] / max(sums["tokens"], 1),
+            "clip_high": sums["clip_high"] / max(sums["tokens"], 1),
+            "logp_drift": sums["logp_drift"] / max(sums["drift_tokens"], 1),
+            "grad_norm": sums["grad_norm"] / max(sums["updates"], 1),
+            "lr": scheduler.get_last_lr()[0],
+            "time_generate": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
+            "gen_tokens_per_s": generated / (t1 - t0),
+        }
+        for rtype in sorted({s["type"] for s in scored}):
+            of_type = [s for s in scored if s["type"] == rtype]
+            row[f"reward/{rtype}"] = sum(s["reward"] for s in of_type) / len(of_type)
+            row[f"accuracy/{rtype}"] = sum(s["correct"] for s in of_type) / len(of_type)
+        progress.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
+                             len=f"{row['completion_length']:.0f}", kl=f"{mean_kl:.4f}")
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            shown = {}
+            for text, sample, result in zip(texts, samples, scored):
+                shown.setdefault(result["type"], (sample, text, result))
+            for rtype, (sample, text, result) in sorted(shown.items()):
+                tqdm.write(f"  [{rtype}] {sample['question'].splitlines()[0]} | gt {sample['gt']} | "
+                           f"reward {result['reward']:.2f}\n    {text[:300]!r}")
+
+        # --- eval / save
+        if eval_records and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            summary = evaluate_split(policy, processor, engine, eval_records, cfg, device, precision)
+            row["eval_accuracy"] = summary["accuracy"]
+            row.update({f"eval_accuracy/{t}": v["accuracy"] for t, v in summary["per_type"].items()})
+        metrics.log(row)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
+
+    # --- the end: final eval, checkpoint, model directory, plot
+    if eval_records:
+        history["after"] = evaluate_split(policy, processor, engine, eval_records, cfg, device, precision)
+        table = evaluation.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
+        with open(os.path.join(cfg.out, "eval.md"), "w") as f:
+            f.write(table + "\n")
+        print("held-out accuracy (%), greedy:\n" + table)
+    save(cfg.steps)
+    final_dir = os.path.join(cfg.out, "model")
+    policy.save_pretrained(final_dir)
+    processor.save_pretrained(final_dir)
+    png = plot_curves({os.path.basename(os.path.normpath(cfg.out)): os.path.join(cfg.out, "metrics.jsonl")},
+                      ["reward", "accuracy", "completion_length", "kl"], os.path.join(cfg.out, "curves.png"),
+                      title="GRPO")
+    print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png}  model: {final_dir}")
+    return history
+
+
+if __name__ == "__main__":
+    main(parse_config(GRPOConfig, description=__doc__.split("\n")[0]))

@@ -1,0 +1,203 @@
+"""Supervised fine-tuning of a Qwen2-VL / Qwen2.5-VL model on reasoning traces (the paper's SFT stage).
+
+Objective: for each sample (image, question, response = "<think>...</think><answer>...</answer>"), the negative
+log-likelihood of the response tokens and of the <|im_end|> that closes the assistant turn, given the system
+prompt, the image and the question:
+
+    loss = - sum_{samples, assistant tokens t} log p(y_t | y_<t, image, question) / (number of assistant tokens)
+
+averaged over every assistant token of the optimizer batch (not per micro-batch), so gradient accumulation gives
+the same update as one large batch. System, user, image and role-header tokens are masked (the mask comes from
+the processor's token boundaries, never from comparing ids). Padding comes from lengths.
+
+Paper vs here: the paper trains on VLAA-Thinking-SFT-126K with a frozen vision encoder, global batch 128, ~1 epoch,
+learning rate not reported. The same defaults apply here where they fit (--freeze-vision true); the learning rate,
+schedule (cosine, warmup 3%, floor 0.1 x peak: the GRPO stage's shape) and batch sizes are ours. On the toy world
+the vision tower is trained (`make base` starts from random weights, so nothing could see otherwise).
+
+Runs:
+    make base                       # toy "instruct" base from a fresh tiny model (fixed budget, see Makefile)
+    make sft  [TRACES=pseudo]       # SFT on the toy reasoning traces, starting from the base
+    python train_sft.py --model runs/base/model --data toy/sft.json --images toy/images --out runs/sft
+    python train_sft.py --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json --images images \
+        --batch-size 128 --micro-batch-size 4 --lr 1e-5 --epochs 1 --out runs/sft-3b
+Resume an interrupted run with the same command plus --resume true.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import data
+from vlaa_min.cli import parse_config, print_config, save_config
+from vlaa_min.logprobs import sequence_logprobs
+from vlaa_min.metrics import MetricsLogger
+from vlaa_min.model import VLModel
+from vlaa_min.processor import Processor
+from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from vlaa_min.schedule import cosine_with_warmup
+from vlaa_min.train_state import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+
+
+@dataclass
+class SFTConfig:
+    model: str = field(default="runs/toy-init", metadata={"help": "HF-format checkpoint directory to start from"})
+    data: str = field(default="toy/sft.json", metadata={"help": "SFT records, VLAA-Thinking JSON or JSONL"})
+    images: str = field(default="toy/images", metadata={"help": "root that the records' image paths are relative to"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out records for the eval loss (default: "
+                                                                   "the last --eval-size records of --data)"})
+    eval_size: int = field(default=64, metadata={"help": "records held out from --data when --eval-data is none"})
+    out: str = field(default="runs/sft", metadata={"help": "run directory (metrics, checkpoints, final model)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data (used when --steps is 0)"})
+    steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derived from --epochs"})
+    batch_size: int = field(default=32, metadata={"help": "samples per optimizer step (paper: 128)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "samples per forward/backward"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps with linear warmup"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of the peak"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    max_length: int = field(default=2048, metadata={"help": "max tokens per sample (prompt + response)"})
+    freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower (the paper does)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (opt-in)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    precision: str = field(default="auto", metadata={"help": "autocast dtype: auto (bf16 on GPU, fp32 on CPU), "
+                                                            "fp32, bf16"})
+    seed: int = field(default=0, metadata={"help": "seed for init, data order"})
+    eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps (0 = only at the end)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
+
+    def __post_init__(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
+                             f"{self.micro_batch_size}")
+
+
+def sft_loss_sum(model, batch, device, precision) -> tuple[torch.Tensor, int]:
+    """Summed NLL over the assistant tokens of one micro-batch, and how many there were."""
+    batch = batch.to(device)
+    with autocast(device, precision):
+        hidden = model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values,
+                       batch.image_grid_thw, return_hidden=True)  # (B, T, D)
+    logp, _ = sequence_logprobs(hidden, batch.input_ids, batch.loss_mask, model.lm_head)  # (B, T)
+    return -logp.sum(), int(batch.loss_mask.sum())
+
+
+@torch.no_grad()
+def held_out_loss(model, records, processor, cfg, device, precision) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(records), cfg.micro_batch_size):
+        batch = data.collate_sft(records[start : start + cfg.micro_batch_size], processor, cfg.images, cfg.max_length)
+        loss_sum, n = sft_loss_sum(model, batch, device, precision)
+        total, tokens = total + loss_sum.item(), tokens + n
+    model.train()
+    return total / max(tokens, 1)
+
+
+def main(cfg: SFTConfig) -> str:
+    print_config(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    seed_everything(cfg.seed)
+    device, precision = resolve_device(cfg.device), resolve_dtype(cfg.precision, resolve_device(cfg.device))
+
+    # --- data: everything is validated before the first step
+    records = data.load_records(cfg.data, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)
+    if cfg.eval_data:
+        eval_records = data.load_records(cfg.eval_data, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)
+    else:
+        assert len(records) > 2 * cfg.eval_size, f"{cfg.data}: too few records to hold out {cfg.eval_size}"
+        records, eval_records = records[: -cfg.eval_size], records[-cfg.eval_size :]
+    steps_per_epoch = len(records) / cfg.batch_size
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    accumulation = cfg.batch_size // cfg.micro_batch_size
+    print(f"{len(records)} training records, {len(eval_records)} held out; {total_steps} steps of {cfg.batch_size} "
+          f"({accumulation} x {cfg.micro_batch_size})")
+
+    # --- model, optimizer, schedule
+    processor = Processor.from_pretrained(cfg.model)
+    model = VLModel.from_pretrained(cfg.model, dtype=torch.float32, device=device)  # fp32 master weights
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.freeze_vision:
+        model.visual.requires_grad_(False)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"trainable parameters: {sum(p.numel() for p in trainable) / 1e6:.2f}M of "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = cosine_with_warmup(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+    sampler = data.EpochSampler(len(records), seed=cfg.seed)
+    forward = torch.compile(model) if cfg.compile else model
+
+    start_step = 0
+    checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
+    if checkpoint:
+        state = load_state(checkpoint)
+        model.load_state_dict(VLModel.from_pretrained(checkpoint, dtype=torch.float32).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if checkpoint else None)
+
+    def save(step: int) -> None:
+        save_checkpoint(cfg.out, step, model, processor, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(), "config": dataclasses.asdict(cfg)})
+
+    # --- train
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft",
+                    dynamic_ncols=True)
+    for step in progress:
+        started = time.perf_counter()
+        micro_batches = [data.collate_sft([records[i] for i in sampler.next_batch(cfg.micro_batch_size)],
+                                          processor, cfg.images, cfg.max_length) for _ in range(accumulation)]
+        # Normalise by the assistant tokens of the whole optimizer batch, so accumulation is exact.
+        batch_tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
+        loss_total = 0.0
+        for batch in micro_batches:
+            loss_sum, _ = sft_loss_sum(forward, batch, device, precision)
+            loss = loss_sum / max(batch_tokens, 1)
+            loss.backward()
+            loss_total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+
+        elapsed = time.perf_counter() - started
+        all_tokens = sum(int(b.lengths.sum()) for b in micro_batches)
+        row = {"step": step + 1, "loss": loss_total, "grad_norm": float(grad_norm), "lr": lr,
+               "tokens_per_s": all_tokens / elapsed, "epoch": sampler.epoch,
+               "truncated": sum(int(b.truncated.sum()) for b in micro_batches) / cfg.batch_size}
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps:
+            row["eval_loss"] = held_out_loss(forward, eval_records, processor, cfg, device, precision)
+        metrics.log(row)
+        progress.set_postfix(loss=f"{loss_total:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                             **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            save(step + 1)
+
+    # --- final model: a checkpoint (resumable) and a plain model directory for the next stage
+    save(total_steps)
+    final_dir = os.path.join(cfg.out, "model")
+    model.save_pretrained(final_dir)
+    processor.save_pretrained(final_dir)
+    print(f"final held-out loss {row['eval_loss']:.4f}; model written to {final_dir}")
+    return final_dir
+
+
+if __name__ == "__main__":
+    main(parse_config(SFTConfig, description=__doc__.split("\n")[0]))
