@@ -27,7 +27,7 @@ SFT_ARGS  ?= --steps 150 --batch-size 32 --micro-batch-size 16 --lr 1e-3 --freez
 PAPER_GRPO_ARGS ?= --prompts-per-step 512 --group-size 4 --train-batch-size 256 --micro-batch-size 8 --steps 49 \
                    --max-new-tokens 1024 --lr 5e-6 --kl-init 1e-3 --kl-target 5e-4 --eval-data none --save-every 5
 
-.PHONY: install test test-slow data base sft grpo eval plot clean
+.PHONY: install test test-slow data base sft grpo eval plot experiment bench clean
 
 install: $(STAMP)
 
@@ -80,6 +80,22 @@ grpo: $(RUNS)/base/model/config.json
 	$(PY) train_grpo.py --model $(RUNS)/base/model --data $(TOY)/rl.json --images $(TOY)/images \
 	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo $(ARGS)
 endif
+
+# Evaluate a checkpoint (default: the last GRPO run) on the toy test split, or on DATA/IMAGES.
+EVAL_MODEL ?= $(if $(MODEL),$(MODEL),$(RUNS)/grpo/model)
+eval: $(STAMP)
+	$(PY) eval.py --model $(EVAL_MODEL) --data $(if $(DATA),$(DATA),$(TOY)/test.json) \
+	  --images $(if $(IMAGES),$(IMAGES),$(TOY)/images) $(ARGS)
+
+plot: $(STAMP)
+	$(PY) -c "from vlaa_min.metrics import plot_curves; print(plot_curves({'grpo': '$(RUNS)/grpo/metrics.jsonl'}, \
+	  ['reward', 'accuracy', 'completion_length', 'kl'], '$(RUNS)/grpo/curves.png', title='GRPO'))"
+
+experiment: $(RUNS)/base/model/config.json
+	$(PY) experiment.py --base $(RUNS)/base/model --toy $(TOY) --out $(RUNS)/experiment $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf runs toy .pytest_cache

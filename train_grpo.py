@@ -62,7 +62,7 @@ from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
-from vlaa_min.train_state import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from vlaa_min.train_state import latest_checkpoint, resume_training, save_checkpoint
 
 
 @dataclass
@@ -203,17 +203,11 @@ def main(cfg: GRPOConfig) -> dict:
     start_step, history = 0, {}
     checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
     if checkpoint:
-        state = load_state(checkpoint)
-        policy.load_state_dict(VLModel.from_pretrained(checkpoint, dtype=torch.float32).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
+        state = resume_training(checkpoint, policy, optimizer, scheduler, sampler)
         kl_controller.load_state_dict(state["kl_controller"])
         generator.set_state(state["generator"])
         shuffler.set_state(state["shuffler"])
-        set_rng_state(state["rng"])
         start_step, history = state["step"], state["history"]
-        print(f"resumed from {checkpoint} at step {start_step}")
     metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if checkpoint else None)
 
     def save(step: int) -> None:

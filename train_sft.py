@@ -41,7 +41,7 @@ from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
-from vlaa_min.train_state import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from vlaa_min.train_state import latest_checkpoint, resume_training, save_checkpoint
 
 
 @dataclass
@@ -141,14 +141,7 @@ def main(cfg: SFTConfig) -> str:
     start_step = 0
     checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
     if checkpoint:
-        state = load_state(checkpoint)
-        model.load_state_dict(VLModel.from_pretrained(checkpoint, dtype=torch.float32).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        print(f"resumed from {checkpoint} at step {start_step}")
+        start_step = resume_training(checkpoint, model, optimizer, scheduler, sampler)["step"]
     metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if checkpoint else None)
 
     def save(step: int) -> None:
@@ -184,6 +177,7 @@ def main(cfg: SFTConfig) -> str:
                "truncated": sum(int(b.truncated.sum()) for b in micro_batches) / cfg.batch_size}
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps:
             row["eval_loss"] = held_out_loss(forward, eval_records, processor, cfg, device, precision)
+            tqdm.write(f"step {step + 1}: train loss {loss_total:.4f}, held-out loss {row['eval_loss']:.4f}")
         metrics.log(row)
         progress.set_postfix(loss=f"{loss_total:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                              **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
@@ -195,7 +189,7 @@ def main(cfg: SFTConfig) -> str:
     final_dir = os.path.join(cfg.out, "model")
     model.save_pretrained(final_dir)
     processor.save_pretrained(final_dir)
-    print(f"final held-out loss {row['eval_loss']:.4f}; model written to {final_dir}")
+    print(f"model written to {final_dir}; metrics in {metrics.path}")
     return final_dir
 
 

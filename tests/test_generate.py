@@ -14,6 +14,7 @@ from vlaa_min.logprobs import sequence_logprobs
 from vlaa_min.model import ModelConfig, VLModel
 from vlaa_min.processor import PromptBatch
 from vlaa_min.rope import mrope_position_ids
+from tests.helpers import randomize_
 
 PAD, EOS, VISION_START, VISION_END, IMAGE, VIDEO = 0, 1, 2, 3, 4, 5  # ModelConfig.tiny's default ids
 VOCAB = 1024
@@ -25,16 +26,6 @@ MIXED_PROMPTS = [(5, (1, 4, 4)), (11, (1, 8, 6)), (7, None)]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Norm weights ~ 1 + 0.1 N(0,1), everything else ~ 0.1 N(0,1)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * 0.1
-            is_norm_scale = param.dim() == 1 and name.endswith("weight")
-            param.copy_(1 + noise if is_norm_scale else noise)
 
 
 def make_model(model_type: str = "qwen2_5_vl", seed: int = 0, bias: dict[int, float] | None = None) -> VLModel:

@@ -24,6 +24,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vlaa_min.checkpoint import atomic_directory, load_state_dict, save_state_dict
 from vlaa_min.model import KVCache, ModelConfig, VLModel, attention_mask_4d
 from vlaa_min.rope import mrope_position_ids, next_position_ids
+from tests.helpers import randomize_
 
 TOL = 1e-4
 PAD, EOS, VISION_START, VISION_END, IMAGE, VIDEO = 0, 1, 2, 3, 4, 5  # ModelConfig.tiny's default ids
@@ -33,16 +34,6 @@ MODEL_TYPES = list(HF_CLASSES)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Norm weights ~ 1 + 0.1 N(0,1), everything else ~ 0.1 N(0,1)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * 0.1
-            is_norm_scale = param.dim() == 1 and name.endswith("weight")
-            param.copy_(1 + noise if is_norm_scale else noise)
 
 
 def hf_config(model_type: str, tie: bool):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vlaa_min.checkpoint import atomic_directory
+from vlaa_min.model import VLModel
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -70,3 +71,19 @@ def load_state(checkpoint: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{checkpoint} has no {STATE_FILE}: it is a model directory, not a training checkpoint")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resume_training(checkpoint: str, model, optimizer, scheduler, sampler) -> dict:
+    """Restore weights, optimizer, scheduler, data sampler and every RNG from `checkpoint`, in place.
+
+    Returns the whole saved state, so that a trainer can restore what else it saved (KL controller, ...).
+    """
+    state = load_state(checkpoint)
+    weights = VLModel.from_pretrained(checkpoint, dtype=next(model.parameters()).dtype).state_dict()
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    print(f"resumed from {checkpoint} at step {state['step']}")
+    return state

@@ -1,0 +1,92 @@
+"""The paper's SFT-vs-RL study in miniature, on the toy world: one command, one table, one figure.
+
+Runs, all from the same toy "instruct" base (`make base`) and with the same GRPO budget:
+    base                  the starting point (evaluated only)
+    sft-clean             SFT on clean reasoning traces          (VLAA-Thinking-SFT analog)
+    sft-pseudo            SFT on hesitant "pseudo reasoning" traces ("wait", "double-check", revised answers)
+    grpo                  GRPO from the base                     (the paper: best)
+    sft-clean+grpo        GRPO after clean SFT
+    sft-pseudo+grpo       GRPO after pseudo SFT                  (the paper: SFT then GRPO ends lower)
+and writes <out>/results.md (held-out accuracy per reward type, response length, aha words per response) and
+<out>/curves.png (reward and response length of the three GRPO runs: the paper's Fig. 6 in miniature).
+Finished runs are reused, so an interrupted experiment continues where it stopped.
+
+    make experiment            # = python experiment.py --base runs/base/model --out runs/experiment
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import eval as evaluation
+import train_grpo
+import train_sft
+from vlaa_min.cli import parse_config, print_config
+from vlaa_min.metrics import plot_curves
+
+
+@dataclass
+class ExperimentConfig:
+    base: str = field(default="runs/base/model", metadata={"help": "the toy instruct base (make base)"})
+    toy: str = field(default="toy", metadata={"help": "toy world directory (make data)"})
+    out: str = field(default="runs/experiment", metadata={"help": "where every run and the report go"})
+    sft_steps: int = field(default=150, metadata={"help": "SFT optimizer steps (both trace styles)"})
+    sft_lr: float = field(default=1e-3, metadata={"help": "SFT peak learning rate"})
+    grpo_steps: int = field(default=100, metadata={"help": "GRPO rollout steps (the same for every GRPO run)"})
+    grpo_max_new_tokens: int = field(default=256, metadata={"help": "completion budget: traces are long after SFT"})
+    eval_size: int = field(default=250, metadata={"help": "held-out records evaluated"})
+
+
+def run_sft(cfg: ExperimentConfig, name: str, data_file: str) -> str:
+    out = os.path.join(cfg.out, name)
+    if not os.path.exists(os.path.join(out, "model", "config.json")):
+        train_sft.main(train_sft.SFTConfig(model=cfg.base, data=os.path.join(cfg.toy, data_file),
+                                           images=os.path.join(cfg.toy, "images"), out=out, steps=cfg.sft_steps,
+                                           batch_size=32, micro_batch_size=16, lr=cfg.sft_lr, freeze_vision=False,
+                                           eval_every=0))
+    return os.path.join(out, "model")
+
+
+def run_grpo(cfg: ExperimentConfig, name: str, model: str) -> dict:
+    out = os.path.join(cfg.out, name)
+    history_file = os.path.join(out, "history.json")
+    if not os.path.exists(history_file):
+        history = train_grpo.main(train_grpo.GRPOConfig(
+            model=model, data=os.path.join(cfg.toy, "rl.json"), images=os.path.join(cfg.toy, "images"),
+            eval_data=os.path.join(cfg.toy, "test.json"), eval_size=cfg.eval_size, out=out, steps=cfg.grpo_steps,
+            max_new_tokens=cfg.grpo_max_new_tokens, save_every=0))
+        with open(history_file, "w") as f:
+            json.dump(history, f)
+    with open(history_file) as f:
+        return json.load(f)
+
+
+def main(cfg: ExperimentConfig) -> str:
+    print_config(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    sft_models = {"sft-clean": run_sft(cfg, "sft-clean", "sft.json"),
+                  "sft-pseudo": run_sft(cfg, "sft-pseudo", "sft_pseudo.json")}
+    histories = {"grpo": run_grpo(cfg, "grpo", cfg.base)}
+    for name, model in sft_models.items():
+        histories[f"{name}+grpo"] = run_grpo(cfg, f"{name}+grpo", model)
+
+    # Every GRPO run evaluated its start and its end on the same held-out split with the same rules.
+    summaries = {"base": histories["grpo"]["before"]}
+    summaries.update({name: histories[f"{name}+grpo"]["before"] for name in sft_models})
+    summaries.update({name: history["after"] for name, history in histories.items()})
+    table = evaluation.markdown_table(summaries)
+    report = os.path.join(cfg.out, "results.md")
+    with open(report, "w") as f:
+        f.write("Held-out accuracy (%) per reward type, greedy decoding; mean response length in tokens.\n\n")
+        f.write(table + "\n")
+    png = plot_curves({name: os.path.join(cfg.out, name, "metrics.jsonl") for name in histories},
+                      ["reward", "completion_length", "accuracy", "kl"], os.path.join(cfg.out, "curves.png"),
+                      title="GRPO from the base vs after SFT (toy world)")
+    print(table)
+    print(f"report: {report}  figure: {png}")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_config(ExperimentConfig, description=__doc__.split("\n")[0]))
