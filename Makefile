@@ -19,8 +19,8 @@ TRACES ?= clean
 ARGS   ?=
 
 # The toy "instruct" base: a fixed budget, the same for every experiment (README: what it reaches).
-BASE_ARGS ?= --steps 400 --batch-size 32 --micro-batch-size 32 --lr 3e-3 --warmup-ratio 0.05 --freeze-vision false \
-             --eval-every 100
+BASE_ARGS ?= --steps 1200 --batch-size 16 --micro-batch-size 16 --lr 1e-3 --warmup-ratio 0.05 --freeze-vision false \
+             --eval-every 200
 # SFT on the toy reasoning traces, from the base.
 SFT_ARGS  ?= --steps 150 --batch-size 32 --micro-batch-size 16 --lr 1e-3 --freeze-vision false --eval-every 50
 # The paper's GRPO configuration (OpenRLHF defaults where the paper is silent) for real checkpoints on one GPU.

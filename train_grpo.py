@@ -75,12 +75,12 @@ class GRPOConfig:
     eval_size: int = field(default=250, metadata={"help": "held-out records evaluated (0 = all)"})
     out: str = field(default="runs/grpo", metadata={"help": "run directory"})
     # rollout
-    steps: int = field(default=100, metadata={"help": "rollout steps (paper: 49 = one epoch of 25,195 prompts)"})
+    steps: int = field(default=60, metadata={"help": "rollout steps (paper: 49 = one epoch of 25,195 prompts)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout (paper: 512)"})
     group_size: int = field(default=8, metadata={"help": "G, samples per prompt (paper: 4)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature; log-probs use it too"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off; off keeps ratios exact)"})
-    max_new_tokens: int = field(default=96, metadata={"help": "completion budget (paper: 1024)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "completion budget (paper: 1024)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are an error"})
     # optimisation
     train_batch_size: int = field(default=128, metadata={"help": "samples per optimizer update (paper: 256)"})
