@@ -14,6 +14,8 @@ import shutil
 import pytest
 import torch
 
+import data
+import toyworld
 import train_grpo
 import train_sft
 from vlaa_min.model import VLModel
@@ -118,3 +120,25 @@ def test_sft_checkpoint_loads_in_transformers_with_the_same_logits(world):
         expected = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
         got = ours(batch.input_ids, batch.position_ids, batch.attention_mask)
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_sft_overfits_eight_samples(world, tmp_path):
+    records = toyworld.generate_split(8, seed=11, image_dir=str(tmp_path / "images"), prefix="fit")
+    (tmp_path / "fit.json").write_text(json.dumps(records))
+    # A model that ignores the context can do no better than the unigram entropy of the target tokens;
+    # memorising eight samples must go far below it.
+    processor = Processor.from_pretrained(world / "init")
+    targets = []
+    for record in records:
+        encoded = data.encode_sft(record, processor, tmp_path / "images")
+        targets += [t for t, scored in zip(encoded.input_ids, encoded.loss_mask) if scored]
+    counts = torch.tensor([targets.count(t) for t in set(targets)], dtype=torch.float64)
+    unigram_entropy = float(-(counts / counts.sum() * torch.log(counts / counts.sum())).sum())
+
+    train_sft.main(train_sft.SFTConfig(model=str(world / "init"), data=str(tmp_path / "fit.json"),
+                                       eval_data=str(tmp_path / "fit.json"), images=str(tmp_path / "images"),
+                                       out=str(tmp_path / "fit"), steps=300, batch_size=8, micro_batch_size=8,
+                                       lr=3e-3, warmup_ratio=0.0, min_lr_ratio=1.0, eval_every=0,
+                                       freeze_vision=False))
+    final = [json.loads(line) for line in open(tmp_path / "fit" / "metrics.jsonl")][-1]
+    assert final["eval_loss"] < 0.1 * unigram_entropy, (final["eval_loss"], unigram_entropy)

@@ -1,0 +1,77 @@
+"""eval.py: a policy that always answers the reference scores 1; pass@k matches the unbiased estimator by hand."""
+
+import math
+
+import pytest
+import torch
+
+import eval as evaluation
+import rewards
+import toyworld
+from vlaa_min.generate import Rollout
+from vlaa_min.processor import Processor
+from vlaa_min.tokenizer import build_tokenizer
+
+
+class ReferenceScorer:
+    """A stub open-ended scorer fed the references: full marks exactly for the reference text."""
+
+    relative = False
+
+    def score(self, answer: str, sample: dict) -> float:
+        return float(answer.strip() == sample["gt"].strip())
+
+
+class ReplayEngine:
+    """Stands in for Engine: answers each prompt with "<answer>{gt}</answer>" (then <|im_end|>), in order."""
+
+    def __init__(self, processor: Processor, records: list[dict]):
+        self.processor, self.queue = processor, list(records)
+
+    def generate(self, batch, num_samples, params, generator) -> Rollout:
+        count = batch.input_ids.shape[0]
+        answers, self.queue = self.queue[:count], self.queue[count:]
+        rows = [self.processor.tokenizer.encode(f"<answer>{r['gt']}</answer>", add_special_tokens=False)
+                + [self.processor.eos_token_id] for r in answers for _ in range(num_samples)]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.processor.pad_token_id)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        lengths = torch.tensor([len(row) for row in rows])
+        return Rollout(completion_ids=ids, completion_lengths=lengths, finished_by_stop=torch.ones(len(rows), dtype=torch.bool),
+                       finish_reasons=["stop"] * len(rows), logprobs=torch.zeros(ids.shape),
+                       prompt_index=torch.arange(count).repeat_interleave(num_samples))
+
+
+def test_always_answering_the_reference_scores_one(tmp_path):
+    records = toyworld.generate_split(20, seed=5, image_dir=str(tmp_path / "images"), prefix="eval")
+    processor = Processor(build_tokenizer([r["question"] for r in records] + [r["gt"] for r in records], 400))
+    model = torch.nn.Linear(1, 1)  # only its device is read: the replay engine does the generating
+    config = rewards.RewardConfig(open_scorer=ReferenceScorer())
+    summary, rows = evaluation.evaluate(model, processor, records, str(tmp_path / "images"), samples=2,
+                                        temperature=1.0, batch_size=6, reward_config=config,
+                                        engine=ReplayEngine(processor, records), progress=False)
+    assert summary["accuracy"] == 1.0 and summary["pass@2"] == 1.0
+    assert set(summary["per_type"]) == {"digit", "mcq", "math", "iou", "open"}
+    assert all(row["reward"] == 1.0 for row in rows) and len(rows) == 40
+    assert summary["format_failure"] == 0.0 and summary["aha_per_response"] == 0.0
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 2, 1), (5, 2, 2), (5, 0, 3), (5, 4, 2), (8, 3, 8), (10, 1, 4)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
+    # Probability that a random k-subset of the n samples holds at least one of the c correct ones.
+    subsets_without_correct = math.comb(n - c, k) if n - c >= k else 0
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(1 - subsets_without_correct / math.comb(n, k))
+
+
+def test_pass_at_k_by_hand():
+    assert evaluation.pass_at_k(5, 2, 1) == pytest.approx(0.4)  # c / n
+    assert evaluation.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert evaluation.pass_at_k(4, 0, 2) == 0.0
+    assert evaluation.pass_at_k(4, 3, 2) == 1.0  # every pair holds a correct sample
+    with pytest.raises(ValueError):
+        evaluation.pass_at_k(2, 1, 3)
+
+
+def test_aha_words_are_counted_as_substrings():
+    assert evaluation.aha_count("Wait, let me double-check. Hmm, check again.") == 6  # check twice (in double-check)
