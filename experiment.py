@@ -14,7 +14,6 @@ Finished runs are reused, so an interrupted experiment continues where it stoppe
     make experiment            # = python experiment.py --base runs/base/model --out runs/experiment
 """
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field

@@ -148,9 +148,9 @@ def score_completions(model, processor, encoded, rows, rollout, cfg, device, pre
     return logp, entropy, mask
 
 
-def evaluate_split(model, processor, engine, records, cfg, device, precision) -> dict:
+def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precision) -> dict:
     summary, _ = evaluation.evaluate(model, processor, records, cfg.images, max_new_tokens=cfg.max_new_tokens,
-                                     batch_size=cfg.eval_batch_size, reward_config=reward_config(cfg), engine=engine,
+                                     batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
                                      precision=precision)
     return summary
 
@@ -218,7 +218,7 @@ def main(cfg: GRPOConfig) -> dict:
             "config": dataclasses.asdict(cfg)})
 
     if eval_records and "before" not in history:
-        history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, device, precision)
+        history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision)
         print("held-out before GRPO:\n" + evaluation.markdown_table({"before": history["before"]}))
 
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="grpo",
@@ -336,7 +336,7 @@ def main(cfg: GRPOConfig) -> dict:
 
         # --- eval / save
         if eval_records and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            summary = evaluate_split(policy, processor, engine, eval_records, cfg, device, precision)
+            summary = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision)
             row["eval_accuracy"] = summary["accuracy"]
             row.update({f"eval_accuracy/{t}": v["accuracy"] for t, v in summary["per_type"].items()})
         metrics.log(row)
@@ -345,7 +345,7 @@ def main(cfg: GRPOConfig) -> dict:
 
     # --- the end: final eval, checkpoint, model directory, plot
     if eval_records:
-        history["after"] = evaluate_split(policy, processor, engine, eval_records, cfg, device, precision)
+        history["after"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision)
         table = evaluation.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
         with open(os.path.join(cfg.out, "eval.md"), "w") as f:
             f.write(table + "\n")

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vlaa_min.rope import next_position_ids
+
 
 def _chunk_logprobs(hidden, weight, bias, targets, temperature: float, with_entropy: bool):
     logits = F.linear(hidden, weight, bias).float() / temperature  # (M, V)
@@ -89,8 +91,6 @@ def completion_logprobs(
     The completion continues the prompt's MRoPE positions (every text token has t = h = w), so its position ids
     are next_position + 0, 1, 2, ... on all three axes, exactly as the generation engine assigned them.
     """
-    from vlaa_min.rope import next_position_ids
-
     n, length = completion_ids.shape
     steps = torch.arange(length, device=completion_ids.device)
     completion_mask = steps[None, :] < completion_lengths[:, None]  # (n, L)
