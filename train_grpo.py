@@ -136,14 +136,25 @@ def chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def group_major_order(rows: torch.Tensor, prompt_index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`rows` in a random order of their prompts, each prompt's samples together: a micro-batch then holds few
+    distinct prompts, and score_completions runs each of them once for all of its samples."""
+    prompt_order = torch.randperm(int(prompt_index.max()) + 1, generator=generator)
+    rank = torch.empty_like(prompt_order)
+    rank[prompt_order] = torch.arange(len(prompt_order))
+    return rows[torch.argsort(rank[prompt_index[rows]], stable=True)]
+
+
 def score_completions(model, processor, encoded, rows, rollout, cfg, device, precision, with_entropy=False):
     """Re-score rollout rows (indices into the buffer) under `model`: (n, L) log-probs, entropy, mask."""
     lengths = rollout.completion_lengths[rows]
     width = int(lengths.max())  # trim the micro-batch to its longest completion
-    prompts = processor.collate_prompts([encoded[int(p)] for p in rollout.prompt_index[rows]]).to(device)
+    distinct, prompt_rows = torch.unique(rollout.prompt_index[rows], return_inverse=True)  # each prompt once
+    prompts = processor.collate_prompts([encoded[int(p)] for p in distinct]).to(device)
     with autocast(device, precision):
         logp, entropy = completion_logprobs(model, prompts, rollout.completion_ids[rows, :width].to(device),
-                                            lengths.to(device), cfg.temperature, with_entropy=with_entropy)
+                                            lengths.to(device), cfg.temperature, with_entropy=with_entropy,
+                                            prompt_rows=prompt_rows.to(device))
     mask = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
     return logp, entropy, mask
 
@@ -264,7 +275,7 @@ def main(cfg: GRPOConfig) -> dict:
         # --- policy update: mu passes over the buffer, in optimizer batches of micro-batches
         sums = defaultdict(float)
         for _ in range(cfg.mu):
-            order = rows[torch.randperm(len(rows), generator=shuffler)]
+            order = group_major_order(rows, rollout.prompt_index, shuffler)
             for update_rows in chunks(order, cfg.train_batch_size):
                 normaliser = loss_normaliser(cfg.loss_aggregation, lengths[update_rows], cfg.max_new_tokens)
                 for micro in chunks(update_rows, cfg.micro_batch_size):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import data
 from vlaa_min.cli import parse_config, print_config, save_config
-from vlaa_min.logprobs import sequence_logprobs
+from vlaa_min.logprobs import masked_logprobs
 from vlaa_min.metrics import MetricsLogger
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
@@ -85,9 +85,8 @@ def sft_loss_sum(model, batch, device, precision) -> tuple[torch.Tensor, int]:
     """Summed NLL over the assistant tokens of one micro-batch, and how many there were."""
     batch = batch.to(device)
     with autocast(device, precision):
-        hidden = model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values,
-                       batch.image_grid_thw, return_hidden=True)  # (B, T, D)
-    logp, _ = sequence_logprobs(hidden, batch.input_ids, batch.loss_mask, model.lm_head)  # (B, T)
+        logp = masked_logprobs(model, batch.input_ids, batch.position_ids, batch.attention_mask, batch.loss_mask,
+                               batch.pixel_values, batch.image_grid_thw)  # (B, T); the system prompt runs once
     return -logp.sum(), int(batch.loss_mask.sum())
 
 

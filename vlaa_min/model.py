@@ -662,6 +662,30 @@ class KVCache:
         return expanded
 
 
+@dataclass
+class PrefixKV:
+    """Keys/values of a prefix for training forwards: per layer (k, v) (B, H_kv, S, Dh) after rotary, still
+    attached to the autograd graph, and valid (B, S) bool marking real tokens.
+
+    Training re-scores many sequences that share a beginning: the G completions of one GRPO prompt, or every
+    SFT sample after the same system prompt. `VLModel.encode_prefix` runs the shared part once, `select` hands
+    it to each row (its backward sums the rows' gradients into the prefix), and `VLModel.forward(prefix=...)`
+    runs only the rest. Exact: under causal attention a prefix's keys and values do not depend on what follows.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    valid: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def select(self, rows: torch.Tensor) -> "PrefixKV":
+        """The prefix of row rows[i] for each i (rows (N,) long; repeats allowed)."""
+        layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
+        return PrefixKV(layers, self.valid.index_select(0, rows))
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with MRoPE and an optional static KV cache."""
 
@@ -676,12 +700,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, cache_position: torch.Tensor | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_position: torch.Tensor | None = None,
+                prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Output (B, T, D) and this layer's new keys/values (B, Hkv, T, Dh) (what `PrefixKV` collects).
+        With `cache` the keys/values go to the static cache in place (generation); with `prefix_kv` the new
+        tokens also attend to the prefix's keys/values, concatenated in front (training, autograd-friendly)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        new_kv = (k, v)
+        if prefix_kv is not None:
+            k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)  # (B, Hkv, S + T, Dh)
+            v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
         if cache is not None:
             k_cache, v_cache = cache.layers[self.layer_index]  # (B, Hkv, S_max, Dh)
             # Cast on write: under autocast k and v can come out in different dtypes than the cache's.
@@ -694,7 +726,7 @@ class Attention(nn.Module):
         q = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)  # (B, Hkv, G*T, Dh)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, Dh)
         out = out.view(batch, self.num_heads, length, self.head_dim)  # (B, H, T, Dh)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), new_kv
 
 
 class DecoderLayer(nn.Module):
@@ -705,9 +737,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_position=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, cache_position=None, prefix_kv=None):
+        """(B, T, D) -> (B, T, D), and the layer's new keys/values (see Attention.forward)."""
+        attended, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, prefix_kv)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
 class LanguageModel(nn.Module):
@@ -730,17 +764,22 @@ class LanguageModel(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, Dh)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, embeds, position_ids, mask, cache, cache_position, gradient_checkpointing: bool):
+    def forward(self, embeds, position_ids, mask, cache, cache_position, gradient_checkpointing: bool,
+                prefix: PrefixKV | None = None):
+        """Final-normed hidden states (B, T, D), and every layer's new keys/values."""
         cos, sin = self.mrope(position_ids, embeds.dtype)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         mask = mask.repeat(1, 1, groups, 1)  # (B, 1, G*T, S): one copy per folded query head (see Attention)
         x = embeds  # (B, T, D)
-        for layer in self.layers:
+        layers_kv = []
+        for i, layer in enumerate(self.layers):
+            prefix_kv = prefix.layers[i] if prefix is not None else None
             if gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x, new_kv = checkpoint(layer, x, cos, sin, mask, None, None, prefix_kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, cache_position)
-        return self.norm(x)
+                x, new_kv = layer(x, cos, sin, mask, cache, cache_position, prefix_kv)
+            layers_kv.append(new_kv)
+        return self.norm(x), layers_kv
 
 
 def attention_mask_4d(key_valid: torch.Tensor, query_slots: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
@@ -813,13 +852,36 @@ class VLModel(nn.Module):
         cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
         return_hidden: bool = False,
+        prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V), or with return_hidden the final-normed hidden states (B, T, D).
 
         input_ids (B, T); position_ids (3, B, T) from vlaa_min.rope; attention_mask (B, T) bool (True =
         real token; None = all real); pixel_values/image_grid_thw for the <|image_pad|> tokens in
-        input_ids. With a cache, the T new tokens go to slots `cache_position` (T,) of every row.
+        input_ids. With a cache, the T new tokens go to slots `cache_position` (T,) of every row. With a
+        prefix (from `encode_prefix`, one per row), the T tokens continue it: position_ids must go on from
+        the prefix's.
         """
+        hidden, _ = self._decode(input_ids, position_ids, attention_mask, pixel_values, image_grid_thw, cache,
+                                 cache_position, prefix)
+        return hidden if return_hidden else self.lm_head(hidden)
+
+    def encode_prefix(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> PrefixKV:
+        """The keys/values of input_ids (B, S) at every layer, for `forward(prefix=...)`; gradients flow."""
+        _, layers_kv = self._decode(input_ids, position_ids, attention_mask, pixel_values, image_grid_thw)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        return PrefixKV(layers_kv, valid)
+
+    def _decode(self, input_ids, position_ids, attention_mask, pixel_values, image_grid_thw, cache=None,
+                cache_position=None, prefix=None) -> tuple[torch.Tensor, list]:
+        """Embed (images scattered in), mask, run the decoder: hidden (B, T, D) and each layer's new k/v."""
         batch, length = input_ids.shape
         if position_ids.shape != (3, batch, length):
             raise ValueError(f"position_ids must be (3, {batch}, {length}), got {tuple(position_ids.shape)}")
@@ -843,9 +905,13 @@ class VLModel(nn.Module):
         elif cache is None and bool(image_mask.any()):
             raise ValueError("forward: input_ids hold <|image_pad|> tokens but no pixel_values were given")
 
+        if cache is not None and prefix is not None:
+            raise ValueError("forward: a static cache (generation) and a prefix (training) exclude each other")
         if cache is None:
-            slots = torch.arange(length, device=input_ids.device)
-            mask = attention_mask_4d(attention_mask, slots, slots)  # (B, 1, T, T)
+            past = prefix.length if prefix is not None else 0
+            key_valid = attention_mask if prefix is None else torch.cat([prefix.valid, attention_mask], dim=1)
+            key_slots = torch.arange(past + length, device=input_ids.device)
+            mask = attention_mask_4d(key_valid, key_slots[past:], key_slots)  # (B, 1, T, S + T)
         else:
             if cache_position is None or cache_position.shape != (length,):
                 raise ValueError(f"forward: with a cache, cache_position must be a ({length},) tensor of slots")
@@ -853,10 +919,9 @@ class VLModel(nn.Module):
             key_slots = torch.arange(cache.max_len, device=input_ids.device)
             mask = attention_mask_4d(cache.valid, cache_position, key_slots)  # (B, 1, T, S_max)
 
-        hidden = self.language_model(
-            embeds, position_ids, mask, cache, cache_position, self.gradient_checkpointing
-        )  # (B, T, D)
-        return hidden if return_hidden else self.lm_head(hidden)
+        return self.language_model(
+            embeds, position_ids, mask, cache, cache_position, self.gradient_checkpointing, prefix
+        )  # (B, T, D), per layer (k, v)
 
     # ----------------------------------------------------------------------- checkpoints
 
