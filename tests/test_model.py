@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlaa_min.checkpoint import atomic_directory, load_state_dict, save_state_dict
-from vlaa_min.model import KVCache, ModelConfig, VLModel, attention_mask_4d
+from vlaa_min.model import GroupedKVCache, KVCache, ModelConfig, VLModel, attention_mask_4d
 from vlaa_min.rope import mrope_position_ids, next_position_ids
 from tests.helpers import randomize_
 
@@ -403,28 +403,36 @@ def test_cached_forward_matches_uncached(pair):
     assert torch.equal(cache.valid[:, : input_ids.shape[1]], mask) and not cache.valid[:, input_ids.shape[1] :].any()
 
 
-def test_kvcache_expand_repeats_rows(pair):
+def test_grouped_cache_decode_equals_full_forward(pair):
+    """G samples per prompt decoding over one shared copy of each prompt's cache give the logits of full
+    forwards over each row's own prompt + tokens (prompts of different lengths, one with an image)."""
     ours, _ = pair
-    input_ids, mask = left_pad([prompt([], 5, seed=12), prompt([], 8, seed=13)])
-    positions = our_positions(input_ids, mask, None)
-    length = input_ids.shape[1]
-    cache = KVCache.for_model(ours, batch_size=2, max_len=length + 1)
-    assert cache.k.shape == (4, 2, 2, length + 1, 32) and cache.valid.shape == (2, length + 1)
+    group, steps = 3, 3
+    pixels, grid = images((112, 84))
+    prompt_ids, prompt_mask = left_pad([prompt(image_tokens(grid), 3, seed=14), prompt([], 6, seed=15)])
+    prompt_len = prompt_ids.shape[1]
+    tokens = torch.randint(10, VOCAB, (2 * group, steps), generator=torch.Generator().manual_seed(1))  # (N, steps)
+    rows_prompt_ids = prompt_ids.repeat_interleave(group, 0)
+    rows_mask = prompt_mask.repeat_interleave(group, 0)
+    input_ids = torch.cat([rows_prompt_ids, tokens], dim=1)
+    mask = torch.cat([rows_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+    rows_pixels = torch.cat([pixels] * group)  # only prompt 0 has an image: its G rows come first
+    rows_grid = grid.repeat(group, 1)
+    positions = our_positions(input_ids, mask, rows_grid)
     with torch.no_grad():
-        ours(input_ids, positions, mask, cache=cache, cache_position=torch.arange(length))
-        expanded = cache.expand(3)
-        for row in range(6):
-            assert torch.equal(expanded.k[:, row], cache.k[:, row // 3])
-            assert torch.equal(expanded.v[:, row], cache.v[:, row // 3])
-            assert torch.equal(expanded.valid[row], cache.valid[row // 3])
-        # One decode step on the expanded cache equals the same step on the original, row by row.
-        token = torch.tensor([[50], [60]])
-        step_positions = next_position_ids(positions, mask).expand(3, -1)[..., None]  # (3, B, 1)
-        slot = torch.tensor([length])
-        base = ours(token, step_positions, None, cache=cache, cache_position=slot)
-        grown = ours(token.repeat_interleave(3, 0), step_positions.repeat_interleave(3, 1), None,
-                     cache=expanded, cache_position=slot)
-    assert torch.allclose(grown, base.repeat_interleave(3, 0), atol=1e-5)  # batch size changes kernels
+        full = ours(input_ids, positions, mask, rows_pixels, rows_grid)[:, prompt_len:]  # (N, steps, V)
+        cache = KVCache.for_model(ours, batch_size=2, max_len=prompt_len)
+        ours(prompt_ids, our_positions(prompt_ids, prompt_mask, grid), prompt_mask, pixels, grid, cache=cache,
+             cache_position=torch.arange(prompt_len))
+        grouped = GroupedKVCache(cache, group, max_new_tokens=steps + 2)  # spare slots stay invalid
+        cached = [
+            ours(tokens[:, t : t + 1], positions[:, :, prompt_len + t : prompt_len + t + 1], None, cache=grouped,
+                 cache_position=torch.tensor([prompt_len + t]))
+            for t in range(steps)
+        ]
+    assert (cached_logits := torch.cat(cached, dim=1)).shape == full.shape
+    assert (cached_logits - full).abs().max() <= TOL
+    assert grouped.valid[:, :steps].all() and not grouped.valid[:, steps:].any()
 
 
 # --------------------------------------------------------------------------- training-side features

@@ -2,12 +2,14 @@
 
 GRPO spends most of its time here, so the engine does the minimum per generated token:
 
-1. Prefill each prompt ONCE (its images are encoded once) into a preallocated KV cache of
-   B x (T_prompt + max_new_tokens) slots. Prompts are left padded, so every prompt's last token sits in
-   column T-1 and its next-token logits are `lm_head(hidden[:, -1])` (the head runs on that column only).
-2. Copy the cache and those logits into the G sample rows of each prompt (`KVCache.expand`; rows are
-   prompt-major: row = p * G + g). Every row then draws its OWN first token -- drawing it before the copy
-   would make all G samples of a group start identically.
+1. Prefill each prompt ONCE (its images are encoded once) into a preallocated KV cache of B x T_prompt
+   slots. Prompts are left padded, so every prompt's last token sits in column T-1 and its next-token
+   logits are `lm_head(hidden[:, -1])` (the head runs on that column only).
+2. Hand the prompt cache and those logits to the G sample rows of each prompt (rows are prompt-major:
+   row = p * G + g). The prompt's keys/values are NOT copied G times: a `GroupedKVCache` keeps them once
+   plus max_new_tokens slots per row, and each decode step reads a prompt's keys/values once for its G
+   rows (decode is bound by reading keys/values, and the prompt is most of them). Every row then draws its
+   OWN first token -- drawing it before the copy would make all G samples of a group start identically.
 3. Decode with fixed shapes: one token per row per step, written at cache slot T + step, position id
    next_position + step on all three MRoPE axes (generated text is text). Rows that have emitted a stop
    token keep being fed the pad token (their slots are never read by a live row: rows are independent);
@@ -45,10 +47,10 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from vlaa_min.model import KVCache, VLModel
+from vlaa_min.model import GroupedKVCache, KVCache, VLModel
 from vlaa_min.rope import next_position_ids
 
-# With compile=True the cache length is rounded up to a multiple of this, so that prompts of varying length
+# With compile=True the prompt cache length is rounded up to a multiple of this, so that prompts of varying length
 # reuse a handful of compiled decode graphs instead of recompiling for every batch.
 COMPILED_CACHE_MULTIPLE = 64
 
@@ -191,10 +193,10 @@ class Engine:
         rows, max_new = prompt_count * num_samples, params.max_new_tokens
 
         # --- prefill: each prompt (and its images) once
-        cache_len = prompt_len + max_new
+        prompt_slots = prompt_len
         if self.compiled:
-            cache_len = -(-cache_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
-        cache = KVCache.for_model(self.model, prompt_count, cache_len)
+            prompt_slots = -(-prompt_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+        cache = KVCache.for_model(self.model, prompt_count, prompt_slots)
         hidden = self.model(
             input_ids,
             position_ids,
@@ -208,12 +210,12 @@ class Engine:
         first_logits = self.model.lm_head(hidden[:, -1])  # (B, V): left padding puts every last token in column T-1
 
         # --- copy into the G sample rows of each prompt (row p*G + g); each row then draws its own first token
-        cache = cache.expand(num_samples)
+        cache = GroupedKVCache(cache, num_samples, max_new)  # the prompt's keys/values stay one copy
         first_logits = first_logits.repeat_interleave(num_samples, dim=0)  # (N, V)
         next_position = next_position_ids(position_ids, attention_mask).repeat_interleave(num_samples)  # (N,)
         # Generated tokens are text: the same position on all three MRoPE axes, one more per step.
         step_positions = (next_position[:, None] + torch.arange(max_new, device=device)).expand(3, -1, -1)  # (3,N,L)
-        cache_positions = torch.arange(prompt_len, prompt_len + max_new, device=device)  # (L,)
+        cache_positions = torch.arange(prompt_slots, prompt_slots + max_new, device=device)  # (L,)
 
         completion_ids = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)

@@ -5,6 +5,10 @@ The language-model head maps D -> V (V = 151,936 for Qwen), so logits for every 
 positions that are scored (assistant tokens in SFT, completion tokens in GRPO), then run the head, the
 temperature and the log-softmax on chunks of them. With gradients on, each chunk is recomputed in the
 backward pass (activation checkpointing), so at most one (chunk, V) block of logits is alive at a time.
+
+Shared beginnings run once (model.PrefixKV): a GRPO prompt for all G of its completions (completion_logprobs),
+and the system prompt every SFT sample starts with (masked_logprobs). Same values and gradients as full forwards
+(tests/test_shared_prefix.py), a fraction of the tokens.
 """
 
 import torch

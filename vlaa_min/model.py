@@ -9,7 +9,9 @@ What is in here, top to bottom:
     turns every 2x2 block of patches into one language-model token;
   * the language model: a Qwen2 decoder (GQA, RMSNorm, SwiGLU, q/k/v bias) with MRoPE, the image
     features scattered into the <|image_pad|> positions, tied or untied lm_head;
-  * `KVCache`, a preallocated static cache for the generation engine;
+  * `KVCache`, a preallocated static cache for the generation engine's prefill; `GroupedKVCache`, its
+    decode cache, which keeps each prompt's keys/values once for the prompt's G samples; `PrefixKV`, the
+    keys/values of a shared prefix for training forwards (a GRPO prompt runs once for its G completions);
   * `VLModel.from_pretrained` / `save_pretrained`: Hugging Face checkpoints (config.json +
     safetensors, single file or sharded) that transformers' Qwen2VLForConditionalGeneration /
     Qwen2_5_VLForConditionalGeneration load and save.
@@ -382,9 +384,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype (as Qwen does).
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalise in float32, scale in the input dtype (as Qwen does); one fused kernel for x * rsqrt(mean x^2).
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -624,7 +625,9 @@ class VisionTower(nn.Module):
 class KVCache:
     """Preallocated keys/values for every layer: k, v (L, B, H_kv, S_max, Dh); valid (B, S_max) bool
     marks slots holding a real token. The model writes new tokens at `cache_position` slots (the same
-    for every row) and attends over all S_max slots, so a decode step always has the same shapes."""
+    for every row) and attends over all S_max slots, so a decode step always has the same shapes.
+    Slots are filled in order (a prefill, then one slot per step), which lets a one-token step attend
+    to every valid slot without a causal mask."""
 
     def __init__(self, num_layers, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
@@ -652,14 +655,62 @@ class KVCache:
     def max_len(self) -> int:
         return self.valid.shape[1]
 
-    def expand(self, repeats: int) -> "KVCache":
-        """A new cache with every row repeated `repeats` times in place (row b -> rows b*repeats ...)."""
-        expanded = object.__new__(KVCache)
-        expanded.k = self.k.repeat_interleave(repeats, dim=1)
-        expanded.v = self.v.repeat_interleave(repeats, dim=1)
-        expanded.valid = self.valid.repeat_interleave(repeats, dim=0)
-        expanded._split_layers()
-        return expanded
+
+class GroupedKVCache:
+    """The decode cache of G samples per prompt: each prompt's keys/values once (the prefill's KVCache, P rows,
+    slots 0..S_p-1) and each sample's generated keys/values (N = P * G rows, prompt-major, slots S_p..S_p+L-1).
+
+    A decode step is bound by reading keys/values, and the prompt is most of what it attends over: here the G
+    rows of a prompt read its keys/values once, as one (G * heads)-query attention, instead of from G copies.
+    The softmax runs over prompt and generated slots together, so it is exactly ordinary attention.
+    """
+
+    def __init__(self, prompt: KVCache, group_size: int, max_new_tokens: int):
+        self.prompt = prompt
+        self.group_size = group_size
+        layers, prompts, kv_heads, _, head_dim = prompt.k.shape
+        shape = (prompts * group_size, kv_heads, max_new_tokens, head_dim)
+        # One separate (k, v) pair per layer, not views of one buffer: a compiled decode step that writes into
+        # views of a shared buffer copies the whole buffer back every step.
+        self.layers = [tuple(torch.zeros(shape, dtype=prompt.k.dtype, device=prompt.k.device) for _ in "kv")
+                       for _ in range(layers)]
+        self.valid = torch.zeros(shape[0], max_new_tokens, dtype=torch.bool, device=prompt.k.device)
+        self.prompt_valid = prompt.valid.repeat_interleave(group_size, dim=0)  # (N, S_p)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt.max_len
+
+    def attention_bias(self) -> torch.Tensor:
+        """(N, 1, 1, S_p + L) float32: 0 on valid slots, -inf elsewhere."""
+        valid = torch.cat([self.prompt_valid, self.valid], dim=1)
+        return torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None]
+
+    def attend(self, layer: int, q, k, v, cache_position, bias) -> torch.Tensor:
+        """One new token per row: q (N, H, 1, Dh), its k, v (N, Hkv, 1, Dh) -> attention output (N, H, 1, Dh)."""
+        k_own, v_own = self.layers[layer]  # (N, Hkv, L, Dh)
+        k_own.index_copy_(2, cache_position - self.prompt_len, k.to(k_own.dtype))
+        v_own.index_copy_(2, cache_position - self.prompt_len, v.to(v_own.dtype))
+        k_prompt, v_prompt = self.prompt.layers[layer]  # (P, Hkv, S_p, Dh)
+        prompts, kv_heads, prompt_len, head_dim = k_prompt.shape
+        rows, heads, group = q.shape[0], q.shape[1], self.group_size
+        folded = heads // kv_heads  # query heads per KV head (GQA)
+
+        def by_prompt(x):  # (N, Hkv, f, X) -> (P, Hkv, G*f, X): a prompt's G rows become more queries
+            return x.reshape(prompts, group, kv_heads, folded, -1).transpose(1, 2).reshape(prompts, kv_heads,
+                                                                                          group * folded, -1)
+
+        def by_row(x):  # the inverse: (P, Hkv, G*f, X) -> (N, Hkv, f, X)
+            return x.reshape(prompts, kv_heads, group, folded, -1).transpose(1, 2).reshape(rows, kv_heads, folded, -1)
+
+        q = q.reshape(rows, kv_heads, folded, head_dim)  # (N, Hkv, f, Dh)
+        prompt_scores = by_row(by_prompt(q) @ k_prompt.to(q.dtype).transpose(-1, -2))  # (N, Hkv, f, S_p)
+        own_scores = q @ k_own.to(q.dtype).transpose(-1, -2)  # (N, Hkv, f, L)
+        scores = torch.cat([prompt_scores, own_scores], dim=-1).float() * head_dim**-0.5 + bias
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        prompt_probs, own_probs = probs.split([prompt_len, probs.shape[-1] - prompt_len], dim=-1)
+        out = by_row(by_prompt(prompt_probs) @ v_prompt.to(q.dtype)) + own_probs @ v_own.to(q.dtype)
+        return out.reshape(rows, heads, 1, head_dim)
 
 
 @dataclass
@@ -714,6 +765,9 @@ class Attention(nn.Module):
         if prefix_kv is not None:
             k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)  # (B, Hkv, S + T, Dh)
             v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
+        if isinstance(cache, GroupedKVCache):  # a decode step of G samples per prompt
+            out = cache.attend(self.layer_index, q, k, v, cache_position, mask)  # (B, H, 1, Dh)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), new_kv
         if cache is not None:
             k_cache, v_cache = cache.layers[self.layer_index]  # (B, Hkv, S_max, Dh)
             # Cast on write: under autocast k and v can come out in different dtypes than the cache's.
@@ -769,7 +823,8 @@ class LanguageModel(nn.Module):
         """Final-normed hidden states (B, T, D), and every layer's new keys/values."""
         cos, sin = self.mrope(position_ids, embeds.dtype)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        mask = mask.repeat(1, 1, groups, 1)  # (B, 1, G*T, S): one copy per folded query head (see Attention)
+        if mask.shape[2] > 1:  # (B, 1, G*T, S): one copy per folded query head (see Attention); one query broadcasts
+            mask = mask.repeat(1, 1, groups, 1)
         x = embeds  # (B, T, D)
         layers_kv = []
         for i, layer in enumerate(self.layers):
@@ -849,7 +904,7 @@ class VLModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | GroupedKVCache | None = None,
         cache_position: torch.Tensor | None = None,
         return_hidden: bool = False,
         prefix: PrefixKV | None = None,
@@ -907,7 +962,12 @@ class VLModel(nn.Module):
 
         if cache is not None and prefix is not None:
             raise ValueError("forward: a static cache (generation) and a prefix (training) exclude each other")
-        if cache is None:
+        if isinstance(cache, GroupedKVCache):
+            if length != 1:
+                raise ValueError("forward: a GroupedKVCache takes one new token per row (decode steps)")
+            cache.valid.index_copy_(1, cache_position - cache.prompt_len, attention_mask)
+            mask = cache.attention_bias()  # (B, 1, 1, S_p + L)
+        elif cache is None:
             past = prefix.length if prefix is not None else 0
             key_valid = attention_mask if prefix is None else torch.cat([prefix.valid, attention_mask], dim=1)
             key_slots = torch.arange(past + length, device=input_ids.device)
@@ -916,8 +976,11 @@ class VLModel(nn.Module):
             if cache_position is None or cache_position.shape != (length,):
                 raise ValueError(f"forward: with a cache, cache_position must be a ({length},) tensor of slots")
             cache.valid.index_copy_(1, cache_position, attention_mask)
-            key_slots = torch.arange(cache.max_len, device=input_ids.device)
-            mask = attention_mask_4d(cache.valid, cache_position, key_slots)  # (B, 1, T, S_max)
+            if length == 1:  # a decode step: the cache fills in slot order, so every valid slot is at or before it
+                mask = cache.valid[:, None, None, :]  # (B, 1, 1, S_max)
+            else:
+                key_slots = torch.arange(cache.max_len, device=input_ids.device)
+                mask = attention_mask_4d(cache.valid, cache_position, key_slots)  # (B, 1, T, S_max)
 
         return self.language_model(
             embeds, position_ids, mask, cache, cache_position, self.gradient_checkpointing, prefix
