@@ -3,8 +3,8 @@
 The language-model head maps D -> V (V = 151,936 for Qwen), so logits for every position of a batch,
 (B, T, V) in float32, are the largest tensor of a training step. We instead gather the hidden states of the
 positions that are scored (assistant tokens in SFT, completion tokens in GRPO), then run the head, the
-temperature and the log-softmax on chunks of them. With gradients on, each chunk is recomputed in the
-backward pass (activation checkpointing), so at most one (chunk, V) block of logits is alive at a time.
+temperature and the log-softmax on chunks of them. With gradients on and several chunks, each chunk is recomputed
+in the backward pass (activation checkpointing), so at most one (chunk, V) block of logits is alive at a time.
 
 Shared beginnings run once (model.PrefixKV): a GRPO prompt for all G of its completions (completion_logprobs),
 and the system prompt every SFT sample starts with (masked_logprobs). Same values and gradients as full forwards
@@ -18,13 +18,19 @@ from torch.utils.checkpoint import checkpoint
 from vlaa_min.rope import next_position_ids
 
 
+# Logits elements per chunk: 2^27 (512 MiB in float32) is ~880 positions of Qwen's 151,936-token vocabulary, and
+# 131,072 positions of the toy model's <= 1,024-token one (a whole micro-batch in one chunk: nothing to recompute).
+LOGITS_PER_CHUNK = 2**27
+
+
 def _chunk_logprobs(hidden, weight, bias, targets, temperature: float, with_entropy: bool):
     logits = F.linear(hidden, weight, bias).float() / temperature  # (M, V)
     log_probs = torch.log_softmax(logits, dim=-1)
     chosen = log_probs.gather(1, targets[:, None]).squeeze(1)  # (M,)
     if not with_entropy:
         return chosen, None
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # (M,)
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # (M,), a metric: no gradient
     return chosen, entropy
 
 
@@ -33,14 +39,20 @@ def token_logprobs(
     lm_head: torch.nn.Linear,
     targets: torch.Tensor,  # (M,) token ids
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(lm_head(h) / temperature)[target] for each row, and optionally the entropy (detached)."""
+    """log softmax(lm_head(h) / temperature)[target] for each row, and optionally the entropy (detached).
+
+    chunk_size: positions per chunk (default: LOGITS_PER_CHUNK logits). With several chunks and gradients on,
+    each chunk's logits are recomputed in the backward pass instead of kept; a single chunk is simply kept.
+    """
+    chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // lm_head.out_features)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_size
     chosen_parts, entropy_parts = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute:
             chosen, _ = checkpoint(
                 _chunk_logprobs, h, lm_head.weight, lm_head.bias, t, temperature, False, use_reentrant=False
             )
@@ -63,7 +75,7 @@ def sequence_logprobs(
     target_mask: torch.Tensor,  # (B, T) bool: the tokens to score (never position 0)
     lm_head: torch.nn.Linear,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) log-probs of the masked tokens given their prefix (0 elsewhere), and the entropy likewise."""
@@ -111,7 +123,7 @@ def masked_logprobs(
     pixel_values: torch.Tensor | None = None,
     image_grid_thw: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """(B, T) log-probs of the masked tokens given everything before them (0 elsewhere), as one plain forward
     would give them, but the leading tokens every row shares (an SFT batch's system prompt: ~60% of a toy
@@ -137,7 +149,7 @@ def completion_logprobs(
     completion_ids: torch.Tensor,  # (n, L) right padded
     completion_lengths: torch.Tensor,  # (n,) stop token included
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
     prompt_rows: torch.Tensor | None = None,  # (n,) completion i continues prompt prompt_rows[i]; default i
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
