@@ -142,9 +142,7 @@ def group_major_order(rows: torch.Tensor, prompt_index: torch.Tensor, generator:
     """`rows` in a random order of their prompts, each prompt's samples together: a micro-batch then holds few
     distinct prompts, and score_completions runs each of them once for all of its samples."""
     prompt_order = torch.randperm(int(prompt_index.max()) + 1, generator=generator)
-    rank = torch.empty_like(prompt_order)
-    rank[prompt_order] = torch.arange(len(prompt_order))
-    return rows[torch.argsort(rank[prompt_index[rows]], stable=True)]
+    return torch.cat([rows[prompt_index[rows] == prompt] for prompt in prompt_order])
 
 
 def score_completions(model, processor, encoded, rows, rollout, cfg, device, precision, with_entropy=False):

@@ -27,7 +27,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlaa_min.cli import parse_config, print_config
 from vlaa_min.generate import Engine, SamplingParams
-from vlaa_min.model import ModelConfig, VLModel
+from vlaa_min.config import ModelConfig
+from vlaa_min.model import VLModel
 from vlaa_min.processor import ImageProcessor, PromptBatch
 from vlaa_min.rope import mrope_position_ids
 from vlaa_min.runtime import resolve_device, resolve_dtype

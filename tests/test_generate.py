@@ -11,7 +11,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 
 from vlaa_min.generate import Engine, SamplingParams, draw_gumbel_, filter_logits, sample_tokens
 from vlaa_min.logprobs import sequence_logprobs
-from vlaa_min.model import ModelConfig, VLModel
+from vlaa_min.config import ModelConfig
+from vlaa_min.model import VLModel
 from vlaa_min.processor import PromptBatch
 from vlaa_min.rope import mrope_position_ids
 from tests.helpers import randomize_

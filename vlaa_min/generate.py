@@ -47,7 +47,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from vlaa_min.model import GroupedKVCache, KVCache, VLModel
+from vlaa_min.cache import GroupedKVCache, KVCache
+from vlaa_min.model import VLModel
 from vlaa_min.rope import next_position_ids
 
 # With compile=True the prompt cache length is rounded up to a multiple of this, so that prompts of varying length

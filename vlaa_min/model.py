@@ -1,17 +1,14 @@
 """Qwen2-VL and Qwen2.5-VL for causal LM, written out: vision tower, patch merger, MRoPE decoder.
 
-What is in here, top to bottom:
-  * configs: `VisionConfig`, `TextConfig`, `ModelConfig` (reads the hub's flat legacy config.json
-    and the nested layout transformers 5 writes; writes the nested layout);
+What is in here, top to bottom (the configs live in config.py, the key/value caches in cache.py):
   * the vision tower: a patch embedding (a Conv3d over temporal_patch x patch x patch, applied as
     one matmul per patch), 2-D rotary embeddings, blocks of bidirectional attention restricted to
     each image (Qwen2.5: to each window, except at `fullatt_block_indexes`), and the merger that
     turns every 2x2 block of patches into one language-model token;
   * the language model: a Qwen2 decoder (GQA, RMSNorm, SwiGLU, q/k/v bias) with MRoPE, the image
-    features scattered into the <|image_pad|> positions, tied or untied lm_head;
-  * `KVCache`, a preallocated static cache for the generation engine's prefill; `GroupedKVCache`, its
-    decode cache, which keeps each prompt's keys/values once for the prompt's G samples; `PrefixKV`, the
-    keys/values of a shared prefix for training forwards (a GRPO prompt runs once for its G completions);
+    features scattered into the <|image_pad|> positions, tied or untied lm_head; its attention
+    writes to and reads from a `KVCache` (prefill), a `GroupedKVCache` (decode, each prompt's
+    keys/values once for its G samples) or a `PrefixKV` (training, a shared prefix run once);
   * `VLModel.from_pretrained` / `save_pretrained`: Hugging Face checkpoints (config.json +
     safetensors, single file or sharded) that transformers' Qwen2VLForConditionalGeneration /
     Qwen2_5_VLForConditionalGeneration load and save.
@@ -27,6 +24,8 @@ Masks and the cache: the decoder mask is (valid key) & (key slot <= query slot),
 own slot. Without a cache slots are sequence indices; with a `KVCache` the new tokens are written at
 `cache_position` and attend over all S_max slots, `cache.valid` marking slots that hold real tokens,
 so every decode step has the same shapes (torch.compile-friendly: no .item() in a decode step).
+A one-token step on a cache needs no causal mask (slots are filled in order); with a `PrefixKV` the
+new tokens see every valid prefix slot and each other causally.
 
 Usage:
     model = VLModel.from_pretrained("path/to/Qwen2.5-VL-3B-Instruct", dtype=torch.bfloat16, device="cuda")
@@ -37,10 +36,8 @@ Usage:
     model.save_pretrained("runs/step_100")
 """
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,322 +45,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vlaa_min.cache import GroupedKVCache, KVCache, PrefixKV
 from vlaa_min.checkpoint import atomic_directory, load_state_dict, save_state_dict
-
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-
-
-# --------------------------------------------------------------------------- configs
-
-
-@dataclass
-class VisionConfig:
-    """The vision tower. Field names follow Qwen2.5-VL; Qwen2-VL's embed_dim / mlp_ratio /
-    hidden_size are read into hidden_size / intermediate_size / out_hidden_size."""
-
-    depth: int = 32
-    hidden_size: int = 1280  # width inside the tower
-    num_heads: int = 16
-    intermediate_size: int = 3420
-    hidden_act: str = "silu"
-    out_hidden_size: int = 2048  # = the language model's hidden size
-    in_channels: int = 3
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    window_size: int = 112  # Qwen2.5 only: window side in pixels
-    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])  # Qwen2.5 only
-    tokens_per_second: int = 2  # Qwen2.5 video timing; unused here, kept for the round trip
-    rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-
-@dataclass
-class TextConfig:
-    """The Qwen2 decoder."""
-
-    vocab_size: int = 151936
-    hidden_size: int = 2048
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 36
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 2
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1000000.0
-    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])  # (t, h, w) frequency pairs
-    max_position_embeddings: int = 128000
-    initializer_range: float = 0.02
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-
-@dataclass
-class ModelConfig:
-    model_type: str = "qwen2_5_vl"
-    text: TextConfig = field(default_factory=TextConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    bos_token_id: int | None = 151643
-    eos_token_id: int | list[int] | None = 151645
-    pad_token_id: int | None = None
-    tie_word_embeddings: bool = False
-    torch_dtype: str = "float32"
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        text, vision = self.text, self.vision
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"ModelConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
-        if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
-            raise ValueError(
-                f"TextConfig: hidden_size {text.hidden_size} must divide into num_attention_heads "
-                f"{text.num_attention_heads}, which must divide into num_key_value_heads {text.num_key_value_heads}"
-            )
-        if len(text.mrope_section) != 3 or sum(text.mrope_section) != text.head_dim // 2:
-            raise ValueError(
-                f"TextConfig.mrope_section {text.mrope_section} must be 3 numbers summing to head_dim/2 = "
-                f"{text.head_dim // 2}"
-            )
-        if vision.hidden_size % vision.num_heads or vision.head_dim % 4:
-            raise ValueError(
-                f"VisionConfig: hidden_size {vision.hidden_size} / num_heads {vision.num_heads} must give a head_dim "
-                f"divisible by 4 (2-D rotary over h and w)"
-            )
-        if vision.out_hidden_size != text.hidden_size:
-            raise ValueError(
-                f"VisionConfig.out_hidden_size {vision.out_hidden_size} != TextConfig.hidden_size {text.hidden_size}"
-            )
-        merger_window = vision.spatial_merge_size * vision.patch_size
-        if self.model_type == "qwen2_5_vl" and vision.window_size % merger_window:
-            raise ValueError(
-                f"VisionConfig.window_size {vision.window_size} must be a multiple of patch_size*spatial_merge_size "
-                f"= {merger_window}"
-            )
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> "ModelConfig":
-        """Read a Hugging Face config.json dict: the hub's flat legacy layout or transformers-5's nested one."""
-        model_type = d.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"config.json: model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-        text_d = d.get("text_config") or d  # nested (transformers 5) or flat (hub legacy)
-        vision_d = d.get("vision_config") or {}
-
-        def pick(key, default=None):
-            # Special ids sit at the top level in legacy files and in text_config in nested ones.
-            for source in (d, text_d):
-                if source.get(key) is not None:
-                    return source[key]
-            return default
-
-        if text_d.get("use_sliding_window"):
-            raise ValueError("config.json: use_sliding_window=true is not supported (no Qwen2-VL checkpoint uses it)")
-        rope = text_d.get("rope_parameters") or text_d.get("rope_scaling") or d.get("rope_scaling") or {}
-        text = TextConfig(
-            vocab_size=text_d["vocab_size"],
-            hidden_size=text_d["hidden_size"],
-            intermediate_size=text_d["intermediate_size"],
-            num_hidden_layers=text_d["num_hidden_layers"],
-            num_attention_heads=text_d["num_attention_heads"],
-            num_key_value_heads=text_d.get("num_key_value_heads") or text_d["num_attention_heads"],
-            hidden_act=text_d.get("hidden_act", "silu"),
-            rms_norm_eps=text_d.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", text_d.get("rope_theta", 1000000.0)),
-            mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
-            max_position_embeddings=text_d.get("max_position_embeddings", 32768),
-            initializer_range=text_d.get("initializer_range", 0.02),
-        )
-        vision_rope = vision_d.get("rope_parameters") or {}
-        common = dict(
-            depth=vision_d["depth"],
-            num_heads=vision_d["num_heads"],
-            in_channels=vision_d.get("in_channels", vision_d.get("in_chans", 3)),
-            patch_size=vision_d.get("patch_size", 14),
-            temporal_patch_size=vision_d.get("temporal_patch_size", 2),
-            spatial_merge_size=vision_d.get("spatial_merge_size", 2),
-            rope_theta=vision_rope.get("rope_theta", 10000.0),
-        )
-        if model_type == "qwen2_vl":
-            vision = VisionConfig(
-                hidden_size=vision_d["embed_dim"],
-                intermediate_size=vision_d["embed_dim"] * vision_d.get("mlp_ratio", 4),
-                hidden_act=vision_d.get("hidden_act", "quick_gelu"),
-                out_hidden_size=vision_d.get("hidden_size", text.hidden_size),
-                **common,
-            )
-        else:
-            vision = VisionConfig(
-                hidden_size=vision_d["hidden_size"],
-                intermediate_size=vision_d.get("intermediate_size", 3420),
-                hidden_act=vision_d.get("hidden_act", "silu"),
-                out_hidden_size=vision_d.get("out_hidden_size", text.hidden_size),
-                window_size=vision_d.get("window_size", 112),
-                fullatt_block_indexes=list(vision_d.get("fullatt_block_indexes", [7, 15, 23, 31])),
-                tokens_per_second=vision_d.get("tokens_per_second", 2),
-                **common,
-            )
-        tie = bool(d.get("tie_word_embeddings") or text_d.get("tie_word_embeddings"))
-        return cls(
-            model_type=model_type,
-            text=text,
-            vision=vision,
-            image_token_id=pick("image_token_id", 151655),
-            video_token_id=pick("video_token_id", 151656),
-            vision_start_token_id=pick("vision_start_token_id", 151652),
-            vision_end_token_id=pick("vision_end_token_id", 151653),
-            bos_token_id=pick("bos_token_id"),
-            eos_token_id=pick("eos_token_id"),
-            pad_token_id=pick("pad_token_id"),
-            tie_word_embeddings=tie,
-            torch_dtype=str(pick("torch_dtype") or pick("dtype") or "float32"),
-        )
-
-    def to_hf_dict(self) -> dict:
-        """The nested config.json layout transformers 5 writes (and loads unchanged)."""
-        text, vision = self.text, self.vision
-        text_d = {
-            "model_type": f"{self.model_type}_text",
-            "vocab_size": text.vocab_size,
-            "hidden_size": text.hidden_size,
-            "intermediate_size": text.intermediate_size,
-            "num_hidden_layers": text.num_hidden_layers,
-            "num_attention_heads": text.num_attention_heads,
-            "num_key_value_heads": text.num_key_value_heads,
-            "hidden_act": text.hidden_act,
-            "rms_norm_eps": text.rms_norm_eps,
-            "max_position_embeddings": text.max_position_embeddings,
-            "initializer_range": text.initializer_range,
-            "use_sliding_window": False,
-            "rope_parameters": {
-                "rope_type": "default",
-                "type": "mrope",
-                "mrope_section": list(text.mrope_section),
-                "rope_theta": text.rope_theta,
-            },
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-        }
-        vision_d = {
-            "model_type": f"{self.model_type}_vision",
-            "depth": vision.depth,
-            "num_heads": vision.num_heads,
-            "hidden_act": vision.hidden_act,
-            "in_channels": vision.in_channels,
-            "patch_size": vision.patch_size,
-            "temporal_patch_size": vision.temporal_patch_size,
-            "spatial_merge_size": vision.spatial_merge_size,
-            "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
-        }
-        if self.model_type == "qwen2_vl":
-            if vision.intermediate_size % vision.hidden_size:
-                raise ValueError(
-                    f"VisionConfig: qwen2_vl stores mlp_ratio, so intermediate_size {vision.intermediate_size} must "
-                    f"be a multiple of hidden_size {vision.hidden_size}"
-                )
-            vision_d.update(
-                embed_dim=vision.hidden_size,
-                mlp_ratio=vision.intermediate_size // vision.hidden_size,
-                hidden_size=vision.out_hidden_size,
-            )
-        else:
-            vision_d.update(
-                hidden_size=vision.hidden_size,
-                intermediate_size=vision.intermediate_size,
-                out_hidden_size=vision.out_hidden_size,
-                window_size=vision.window_size,
-                fullatt_block_indexes=list(vision.fullatt_block_indexes),
-                tokens_per_second=vision.tokens_per_second,
-            )
-        return {
-            "architectures": [ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "dtype": self.torch_dtype,
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "text_config": text_d,
-            "vision_config": vision_d,
-        }
-
-    @classmethod
-    def tiny(
-        cls,
-        model_type: str = "qwen2_5_vl",
-        vocab_size: int = 1024,
-        image_token_id: int = 4,
-        vision_start_token_id: int = 2,
-        vision_end_token_id: int = 3,
-        video_token_id: int = 5,
-        eos_token_id: int = 1,
-        pad_token_id: int = 0,
-        **overrides,
-    ) -> "ModelConfig":
-        """A tiny random-init-sized config (~1M parameters) for tests and the toy world.
-
-        overrides: ModelConfig fields by name (tie_word_embeddings=False, bos_token_id=...), and
-        sub-config fields prefixed with text_ / vision_ (text_num_hidden_layers=2, vision_depth=1).
-        """
-        text = TextConfig(
-            vocab_size=vocab_size,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            mrope_section=[4, 6, 6],  # Qwen's [16, 24, 24] scaled to head_dim 32
-            max_position_embeddings=4096,
-        )
-        vision = VisionConfig(
-            depth=2,
-            hidden_size=64,
-            num_heads=4,
-            intermediate_size=128,
-            hidden_act="silu" if model_type == "qwen2_5_vl" else "quick_gelu",
-            out_hidden_size=128,
-        )
-        if model_type == "qwen2_5_vl":
-            vision.window_size = 56  # 2x2 merged tokens per window: windows matter already on 112x112 images
-            vision.fullatt_block_indexes = [1]  # block 0 attends within windows, block 1 to the whole image
-        top = dict(
-            model_type=model_type,
-            image_token_id=image_token_id,
-            video_token_id=video_token_id,
-            vision_start_token_id=vision_start_token_id,
-            vision_end_token_id=vision_end_token_id,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            bos_token_id=pad_token_id,  # Qwen's bos and pad are both <|endoftext|>
-            tie_word_embeddings=True,
-            torch_dtype="float32",
-        )
-        top_fields = {f.name for f in dataclasses.fields(cls)} - {"text", "vision"}
-        for key, value in overrides.items():
-            sub, _, name = key.partition("_")
-            if key in top_fields:
-                top[key] = value
-            elif sub == "text" and hasattr(text, name) and name != "head_dim":
-                setattr(text, name, value)
-            elif sub == "vision" and hasattr(vision, name) and name != "head_dim":
-                setattr(vision, name, value)
-            else:
-                raise TypeError(f"ModelConfig.tiny: unknown override {key!r}")
-        return cls(text=text, vision=vision, **top)
-
+from vlaa_min.config import ModelConfig, TextConfig, VisionConfig
 
 def _dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
@@ -620,121 +304,6 @@ class VisionTower(nn.Module):
 
 
 # --------------------------------------------------------------------------- language model
-
-
-class KVCache:
-    """Preallocated keys/values for every layer: k, v (L, B, H_kv, S_max, Dh); valid (B, S_max) bool
-    marks slots holding a real token. The model writes new tokens at `cache_position` slots (the same
-    for every row) and attends over all S_max slots, so a decode step always has the same shapes.
-    Slots are filled in order (a prefill, then one slot per step), which lets a one-token step attend
-    to every valid slot without a causal mask."""
-
-    def __init__(self, num_layers, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self._split_layers()
-
-    def _split_layers(self) -> None:
-        # One (k, v) view per layer, made once: writing through `self.k[i]` inside a compiled step would make
-        # torch.compile treat the whole stacked buffer as mutated and copy all of it back every token.
-        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
-
-    @classmethod
-    def for_model(cls, model: "VLModel", batch_size: int, max_len: int) -> "KVCache":
-        text, weight = model.config.text, model.lm_head.weight
-        layers, kv_heads, head_dim = text.num_hidden_layers, text.num_key_value_heads, text.head_dim
-        return cls(layers, batch_size, max_len, kv_heads, head_dim, weight.dtype, weight.device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.valid.shape[1]
-
-
-class GroupedKVCache:
-    """The decode cache of G samples per prompt: each prompt's keys/values once (the prefill's KVCache, P rows,
-    slots 0..S_p-1) and each sample's generated keys/values (N = P * G rows, prompt-major, slots S_p..S_p+L-1).
-
-    A decode step is bound by reading keys/values, and the prompt is most of what it attends over: here the G
-    rows of a prompt read its keys/values once, as one (G * heads)-query attention, instead of from G copies.
-    The softmax runs over prompt and generated slots together, so it is exactly ordinary attention.
-    """
-
-    def __init__(self, prompt: KVCache, group_size: int, max_new_tokens: int):
-        self.prompt = prompt
-        self.group_size = group_size
-        layers, prompts, kv_heads, _, head_dim = prompt.k.shape
-        shape = (prompts * group_size, kv_heads, max_new_tokens, head_dim)
-        # One separate (k, v) pair per layer, not views of one buffer: a compiled decode step that writes into
-        # views of a shared buffer copies the whole buffer back every step.
-        self.layers = [tuple(torch.zeros(shape, dtype=prompt.k.dtype, device=prompt.k.device) for _ in "kv")
-                       for _ in range(layers)]
-        self.valid = torch.zeros(shape[0], max_new_tokens, dtype=torch.bool, device=prompt.k.device)
-        self.prompt_valid = prompt.valid.repeat_interleave(group_size, dim=0)  # (N, S_p)
-
-    @property
-    def prompt_len(self) -> int:
-        return self.prompt.max_len
-
-    def attention_bias(self) -> torch.Tensor:
-        """(N, 1, 1, S_p + L) float32: 0 on valid slots, -inf elsewhere."""
-        valid = torch.cat([self.prompt_valid, self.valid], dim=1)
-        return torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None]
-
-    def attend(self, layer: int, q, k, v, cache_position, bias) -> torch.Tensor:
-        """One new token per row: q (N, H, 1, Dh), its k, v (N, Hkv, 1, Dh) -> attention output (N, H, 1, Dh)."""
-        k_own, v_own = self.layers[layer]  # (N, Hkv, L, Dh)
-        k_own.index_copy_(2, cache_position - self.prompt_len, k.to(k_own.dtype))
-        v_own.index_copy_(2, cache_position - self.prompt_len, v.to(v_own.dtype))
-        k_prompt, v_prompt = self.prompt.layers[layer]  # (P, Hkv, S_p, Dh)
-        prompts, kv_heads, prompt_len, head_dim = k_prompt.shape
-        rows, heads, group = q.shape[0], q.shape[1], self.group_size
-        folded = heads // kv_heads  # query heads per KV head (GQA)
-
-        def by_prompt(x):  # (N, Hkv, f, X) -> (P, Hkv, G*f, X): a prompt's G rows become more queries
-            return x.reshape(prompts, group, kv_heads, folded, -1).transpose(1, 2).reshape(prompts, kv_heads,
-                                                                                          group * folded, -1)
-
-        def by_row(x):  # the inverse: (P, Hkv, G*f, X) -> (N, Hkv, f, X)
-            return x.reshape(prompts, kv_heads, group, folded, -1).transpose(1, 2).reshape(rows, kv_heads, folded, -1)
-
-        q = q.reshape(rows, kv_heads, folded, head_dim)  # (N, Hkv, f, Dh)
-        prompt_scores = by_row(by_prompt(q) @ k_prompt.to(q.dtype).transpose(-1, -2))  # (N, Hkv, f, S_p)
-        own_scores = q @ k_own.to(q.dtype).transpose(-1, -2)  # (N, Hkv, f, L)
-        scores = torch.cat([prompt_scores, own_scores], dim=-1).float() * head_dim**-0.5 + bias
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        prompt_probs, own_probs = probs.split([prompt_len, probs.shape[-1] - prompt_len], dim=-1)
-        out = by_row(by_prompt(prompt_probs) @ v_prompt.to(q.dtype)) + own_probs @ v_own.to(q.dtype)
-        return out.reshape(rows, heads, 1, head_dim)
-
-
-@dataclass
-class PrefixKV:
-    """Keys/values of a prefix for training forwards: per layer (k, v) (B, H_kv, S, Dh) after rotary, still
-    attached to the autograd graph, and valid (B, S) bool marking real tokens.
-
-    Training re-scores many sequences that share a beginning: the G completions of one GRPO prompt, or every
-    SFT sample after the same system prompt. `VLModel.encode_prefix` runs the shared part once, `select` hands
-    it to each row (its backward sums the rows' gradients into the prefix), and `VLModel.forward(prefix=...)`
-    runs only the rest. Exact: under causal attention a prefix's keys and values do not depend on what follows.
-    """
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    valid: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
-    def select(self, rows: torch.Tensor) -> "PrefixKV":
-        """The prefix of row rows[i] for each i (rows (N,) long; repeats allowed)."""
-        layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
-        return PrefixKV(layers, self.valid.index_select(0, rows))
 
 
 class Attention(nn.Module):

@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from vlaa_min.model import ModelConfig, VLModel
+from vlaa_min.config import ModelConfig
+from vlaa_min.model import VLModel
 from vlaa_min.processor import SYSTEM_PROMPT, Processor
 from vlaa_min.tokenizer import build_tokenizer, special_token_ids
 
