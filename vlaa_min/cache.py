@@ -14,6 +14,7 @@ import torch
 if TYPE_CHECKING:  # for the annotation only: model.py imports this module
     from vlaa_min.model import VLModel
 
+
 class KVCache:
     """Preallocated keys/values for every layer: k, v (L, B, H_kv, S_max, Dh); valid (B, S_max) bool
     marks slots holding a real token. The model writes new tokens at `cache_position` slots (the same
@@ -26,9 +27,6 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self._split_layers()
-
-    def _split_layers(self) -> None:
         # One (k, v) view per layer, made once: writing through `self.k[i]` inside a compiled step would make
         # torch.compile treat the whole stacked buffer as mutated and copy all of it back every token.
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
@@ -62,8 +60,7 @@ class GroupedKVCache:
         self.group_size = group_size
         layers, prompts, kv_heads, _, head_dim = prompt.k.shape
         shape = (prompts * group_size, kv_heads, max_new_tokens, head_dim)
-        # One separate (k, v) pair per layer, not views of one buffer: a compiled decode step that writes into
-        # views of a shared buffer copies the whole buffer back every step.
+        # One (k, v) pair per layer (each written in place by its layer's attention; nothing needs them stacked).
         self.layers = [tuple(torch.zeros(shape, dtype=prompt.k.dtype, device=prompt.k.device) for _ in "kv")
                        for _ in range(layers)]
         self.valid = torch.zeros(shape[0], max_new_tokens, dtype=torch.bool, device=prompt.k.device)

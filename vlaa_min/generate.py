@@ -210,7 +210,7 @@ class Engine:
         )  # (B, T, D)
         first_logits = self.model.lm_head(hidden[:, -1])  # (B, V): left padding puts every last token in column T-1
 
-        # --- copy into the G sample rows of each prompt (row p*G + g); each row then draws its own first token
+        # --- hand each prompt to its G sample rows (row p*G + g); each row then draws its own first token
         cache = GroupedKVCache(cache, num_samples, max_new)  # the prompt's keys/values stay one copy
         first_logits = first_logits.repeat_interleave(num_samples, dim=0)  # (N, V)
         next_position = next_position_ids(position_ids, attention_mask).repeat_interleave(num_samples)  # (N,)
