@@ -6,7 +6,7 @@ positions that are scored (assistant tokens in SFT, completion tokens in GRPO), 
 temperature and the log-softmax on chunks of them. With gradients on and several chunks, each chunk is recomputed
 in the backward pass (activation checkpointing), so at most one (chunk, V) block of logits is alive at a time.
 
-Shared beginnings run once (model.PrefixKV): a GRPO prompt for all G of its completions (completion_logprobs),
+Shared beginnings run once (cache.PrefixKV): a GRPO prompt for all G of its completions (completion_logprobs),
 and the system prompt every SFT sample starts with (masked_logprobs). Same values and gradients as full forwards
 (tests/test_shared_prefix.py), a fraction of the tokens.
 """
