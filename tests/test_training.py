@@ -10,6 +10,7 @@ import dataclasses
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,33 +80,30 @@ def _assert_same_parameters(path_a, path_b) -> None:
         assert torch.equal(tensor, b[name]), name
 
 
-def _crash_after_first_checkpoint(out) -> None:
-    """Make a finished run look like one that crashed right after its first checkpoint."""
-    checkpoints = sorted((out / "checkpoints").iterdir())
-    for later in checkpoints[1:]:
+def _assert_resume_is_exact(main, config) -> None:
+    """Run to the end; then make the run look as if it crashed right after its first checkpoint, resume it, and
+    compare the final parameters with the uninterrupted run's."""
+    out = Path(config.out)
+    main(config)
+    shutil.copytree(out / "model", out.with_name(out.name + "-straight"))
+    for later in sorted((out / "checkpoints").iterdir())[1:]:
         shutil.rmtree(later)
     shutil.rmtree(out / "model")
+    main(dataclasses.replace(config, resume=True))
+    _assert_same_parameters(out.with_name(out.name + "-straight"), out / "model")
 
 
 def test_grpo_resume_is_exact(world):
     config = _grpo_config(world, "resume-grpo", steps=4, eval_data=None, kl_init=1e-2, kl_target=5e-3, save_every=2,
                           train_batch_size=32, micro_batch_size=16)
-    train_grpo.main(config)
-    shutil.copytree(world / "resume-grpo" / "model", world / "resume-grpo-straight")
-    _crash_after_first_checkpoint(world / "resume-grpo")
-    train_grpo.main(dataclasses.replace(config, resume=True))
-    _assert_same_parameters(world / "resume-grpo-straight", world / "resume-grpo" / "model")
+    _assert_resume_is_exact(train_grpo.main, config)
 
 
 def test_sft_resume_is_exact(world):
     config = train_sft.SFTConfig(model=str(world / "init"), data=str(world / "sft.json"), images=str(world),
                                  out=str(world / "resume-sft"), steps=6, batch_size=16, micro_batch_size=8, lr=3e-3,
                                  eval_size=16, eval_every=0, save_every=3, freeze_vision=False)
-    train_sft.main(config)
-    shutil.copytree(world / "resume-sft" / "model", world / "resume-sft-straight")
-    _crash_after_first_checkpoint(world / "resume-sft")
-    train_sft.main(dataclasses.replace(config, resume=True))
-    _assert_same_parameters(world / "resume-sft-straight", world / "resume-sft" / "model")
+    _assert_resume_is_exact(train_sft.main, config)
 
 
 def test_sft_checkpoint_loads_in_transformers_with_the_same_logits(world):
