@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from vlaa_min.generate import Engine, SamplingParams, draw_gumbel_, filter_logits, sample_tokens
+from vlaa_min.generate import Engine, SamplingParams, filter_logits, inverse_cdf_sample, sample_tokens
 from vlaa_min.logprobs import sequence_logprobs
 from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel
@@ -263,9 +263,9 @@ def test_sampled_frequencies_match_the_filtered_distribution(top_k, top_p):
     draws, temperature = 40_000, 0.8
     logits = torch.tensor([0.3, 2.0, 1.1, 1.6, -0.5]).expand(draws, -1)
     expected = torch.softmax(filter_logits(logits[:1] / temperature, top_k, top_p), dim=-1)[0]
-    gumbel = draw_gumbel_(torch.empty(logits.shape), torch.Generator().manual_seed(0))
+    uniform = torch.rand(draws, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
-    tokens, logprobs = sample_tokens(logits, params, gumbel)
+    tokens, logprobs = sample_tokens(logits, params, uniform)
     frequencies = torch.bincount(tokens, minlength=5).float() / draws
     # Each frequency is a mean of `draws` Bernoulli(p) variables: within 5 standard errors.
     standard_error = (expected * (1 - expected) / draws).sqrt()
@@ -273,6 +273,15 @@ def test_sampled_frequencies_match_the_filtered_distribution(top_k, top_p):
     # Log-probs are always those of the unfiltered temperature-scaled distribution.
     unfiltered = torch.log_softmax(logits[0] / temperature, dim=-1)
     assert torch.allclose(logprobs, unfiltered[tokens])
+
+
+def test_inverse_cdf_never_draws_a_zero_probability_token():
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
+    # The extreme uniforms: 0 lands on the last token with mass, the largest float below 1 on the first.
+    extremes = torch.tensor([0.0, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()])
+    assert inverse_cdf_sample(probs.expand(2, -1), extremes).tolist() == [3, 1]
+    # The boundary between the two tokens: (1 - U) * total == P(token 1) still draws token 1.
+    assert inverse_cdf_sample(probs[None], torch.tensor([0.75])).tolist() == [1]
 
 
 # --------------------------------------------------------------------------- stopping

@@ -17,11 +17,12 @@ GRPO spends most of its time here, so the engine does the minimum per generated 
    `sync_every` steps, so the loop never waits on the device for a single token.
 
 Sampling: logits / temperature, then top-k, then top-p (nucleus: the smallest set of most likely tokens
-whose probability reaches top_p, never empty), then one draw per row with the Gumbel-max trick:
-argmax_i(logit_i / T + g_i) with g_i = -log(-log U_i), U_i ~ Uniform(0, 1), is a sample from
-softmax(logits / T) (no softmax, no multinomial). The noise is drawn from the caller's torch.Generator into
-a preallocated buffer outside the (optionally compiled) step, so the same seed gives the same samples and
-the step stays a pure fixed-shape function.
+whose probability reaches top_p, never empty), then one draw per row by inverting the CDF: with
+U ~ Uniform[0, 1) the token is the first i whose cumulative probability reaches (1 - U) * total, a sample
+from the filtered softmax(logits / T). One uniform number per row and step (not one per vocabulary entry,
+as Gumbel-max needs: 151,936 per row for Qwen), drawn from the caller's torch.Generator into a preallocated
+buffer outside the (optionally compiled) step, so the same seed gives the same samples and the step stays a
+pure fixed-shape function.
 `greedy=True` takes the argmax and draws nothing.
 
 Returned log-probs are log softmax(logits / temperature)[token] of the UNFILTERED temperature-scaled
@@ -117,18 +118,24 @@ def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return scaled
 
 
-def draw_gumbel_(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Fill `noise` in place with Gumbel(0, 1) draws -log(-log U); U is kept above 0 so every draw is finite."""
-    uniform = noise.uniform_(generator=generator).clamp_(min=torch.finfo(noise.dtype).tiny)
-    return uniform.log_().neg_().log_().neg_()
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row (N,) of probs (N, V), using uniform (N,) in [0, 1).
+
+    The threshold (1 - U) * total lies in (0, total], so the first index whose cumulative sum reaches it
+    always has positive probability (a zero-probability token never adds to the sum), and the total is the
+    cumulative sum's own last entry, so rounding in the sum cannot push the threshold past the end.
+    """
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    threshold = (1.0 - uniform) * cdf[:, -1]  # (N,)
+    return torch.searchsorted(cdf, threshold[:, None]).squeeze(1)
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, gumbel: torch.Tensor | None
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens (N,) and their log-probs (N,) float32 under the unfiltered softmax(logits / temperature).
 
-    gumbel: (N, V) Gumbel(0, 1) noise from draw_gumbel_ (ignored when greedy).
+    uniform: (N,) Uniform[0, 1) draws, one per row (ignored when greedy).
     """
     scaled = logits.float() / params.temperature  # (N, V)
     allowed = scaled
@@ -138,7 +145,7 @@ def sample_tokens(
         tokens = allowed.argmax(dim=-1)
     else:
         filtered = filter_logits(allowed, params.top_k, params.top_p)
-        tokens = (filtered + gumbel).argmax(dim=-1)  # (N,) Gumbel-max: one exact draw per row
+        tokens = inverse_cdf_sample(torch.softmax(filtered, dim=-1), uniform)
     chosen = scaled.gather(1, tokens[:, None]).squeeze(1)
     return tokens, chosen - torch.logsumexp(scaled, dim=-1)
 
@@ -156,10 +163,10 @@ class Engine:
         # The decode step has fixed shapes, so one compiled graph serves every step of a generate call.
         self._step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
 
-    def _decode_step(self, tokens, position_ids, cache_position, cache, gumbel, params):
+    def _decode_step(self, tokens, position_ids, cache_position, cache, uniform, params):
         """Feed one token per row (N,) at cache slot cache_position (1,) -> next tokens (N,), their log-probs (N,)."""
         logits = self.model(tokens[:, None], position_ids, cache=cache, cache_position=cache_position)  # (N, 1, V)
-        return sample_tokens(logits[:, -1], params, gumbel)
+        return sample_tokens(logits[:, -1], params, uniform)
 
     @torch.inference_mode()
     def generate(
@@ -224,12 +231,12 @@ class Engine:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-        gumbel = None if params.greedy else torch.empty(first_logits.shape, dtype=torch.float32, device=device)
+        uniform = None if params.greedy else torch.empty(rows, dtype=torch.float32, device=device)
 
         # --- decode: step s records token s, then feeds it to get token s + 1
-        if gumbel is not None:
-            draw_gumbel_(gumbel, generator)
-        tokens, token_logprobs = sample_tokens(first_logits, params, gumbel)
+        if uniform is not None:
+            uniform.uniform_(generator=generator)
+        tokens, token_logprobs = sample_tokens(first_logits, params, uniform)
         for step in range(max_new):
             tokens = tokens.masked_fill(done, self.pad_token_id)  # finished rows are fed the pad token
             completion_ids[:, step] = tokens
@@ -241,10 +248,10 @@ class Engine:
             # The only host sync of the loop, every sync_every steps.
             if step == max_new - 1 or ((step + 1) % self.sync_every == 0 and bool(done.all())):
                 break
-            if gumbel is not None:
-                draw_gumbel_(gumbel, generator)
+            if uniform is not None:
+                uniform.uniform_(generator=generator)
             tokens, token_logprobs = self._step(
-                tokens, step_positions[:, :, step : step + 1], cache_positions[step : step + 1], cache, gumbel, params
+                tokens, step_positions[:, :, step : step + 1], cache_positions[step : step + 1], cache, uniform, params
             )
 
         longest = int(lengths.max())
