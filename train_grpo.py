@@ -16,9 +16,9 @@ scores 0: the paper's implicit format reward). Then, with pi(o_t) = softmax(logi
 The terms live in vlaa_min/grpo_loss.py (group_advantages, policy_loss, kl_per_token, aggregate_tokens); this
 file is the loop. Each rollout of P prompts x G samples is cut into optimizer batches of --train-batch-size samples
 (each in micro-batches with gradient accumulation; prompts in random order, each prompt's samples together, so a
-micro-batch runs each of its prompts once for all of that prompt's completions: vlaa_min.logprobs.
-completion_logprobs), and the buffer is passed over --mu times; every batch after
-the first is off-policy, which is what the clip is for. beta follows the adaptive controller (the paper's best
+micro-batch runs each of its prompts once for all of that prompt's completions:
+vlaa_min.logprobs.completion_logprobs), and the buffer is passed over --mu times; every batch after the first is
+off-policy, which is what the clip is for. beta follows the adaptive controller (the paper's best
 "KL2": init 1e-3, target 5e-4) or stays fixed (--kl-target 0); --kl-init 0 loads no reference model at all.
 
 Paper (OpenRLHF) vs here: G = 4, temperature 0.8, rollout batch 512 prompts, train batch 256, adaptive KL

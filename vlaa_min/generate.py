@@ -10,7 +10,7 @@ GRPO spends most of its time here, so the engine does the minimum per generated 
    plus max_new_tokens slots per row, and each decode step reads a prompt's keys/values once for its G
    rows (decode is bound by reading keys/values, and the prompt is most of them). Every row then draws its
    OWN first token -- drawing it before the copy would make all G samples of a group start identically.
-3. Decode with fixed shapes: one token per row per step, written at cache slot T + step, position id
+3. Decode with fixed shapes: one token per row per step, written at the row's generated slot `step`, position id
    next_position + step on all three MRoPE axes (generated text is text). Rows that have emitted a stop
    token keep being fed the pad token (their slots are never read by a live row: rows are independent);
    their log-prob is 0 and they stop counting length. The host checks "all rows done" only every

@@ -531,6 +531,8 @@ class VLModel(nn.Module):
 
         if cache is not None and prefix is not None:
             raise ValueError("forward: a static cache (generation) and a prefix (training) exclude each other")
+        if cache is not None and (cache_position is None or cache_position.shape != (length,)):
+            raise ValueError(f"forward: with a cache, cache_position must be a ({length},) tensor of slots")
         if isinstance(cache, GroupedKVCache):
             if length != 1:
                 raise ValueError("forward: a GroupedKVCache takes one new token per row (decode steps)")
@@ -542,8 +544,6 @@ class VLModel(nn.Module):
             key_slots = torch.arange(past + length, device=input_ids.device)
             mask = attention_mask_4d(key_valid, key_slots[past:], key_slots)  # (B, 1, T, S + T)
         else:
-            if cache_position is None or cache_position.shape != (length,):
-                raise ValueError(f"forward: with a cache, cache_position must be a ({length},) tensor of slots")
             cache.valid.index_copy_(1, cache_position, attention_mask)
             if length == 1:  # a decode step: the cache fills in slot order, so every valid slot is at or before it
                 mask = cache.valid[:, None, None, :]  # (B, 1, 1, S_max)
