@@ -3,7 +3,8 @@
 The task: every question is a four-option multiple choice whose right answer is always "C". SFT on answers
 drawn uniformly from A-D teaches the <answer> format but no preference (accuracy near chance, 1/4); GRPO with
 the mcq reward must then move the policy to "C". Also checked here: exact resume of both trainers (fp32, CPU),
-and that a checkpoint written by SFT loads in transformers with the same logits.
+and that a checkpoint written by SFT loads in transformers with the same logits. Every run is pinned to the CPU
+(fp32), so that the bounds and the exact-resume checks mean the same on a machine with a GPU.
 """
 
 import dataclasses
@@ -49,7 +50,7 @@ def world(tmp_path_factory):
     build_toy_checkpoint(str(root / "init"), str(root), vocab_size=300, seed=0, **TINY)
     sft_cfg = train_sft.SFTConfig(model=str(root / "init"), data=str(root / "sft.json"), images=str(root),
                                   out=str(root / "sft"), steps=150, batch_size=16, micro_batch_size=16, lr=3e-3,
-                                  eval_size=16, eval_every=0, freeze_vision=False)
+                                  eval_size=16, eval_every=0, freeze_vision=False, device="cpu")
     train_sft.main(sft_cfg)
     return root
 
@@ -58,7 +59,8 @@ def _grpo_config(root, out: str, **overrides) -> train_grpo.GRPOConfig:
     settings = dict(model=str(root / "sft" / "model"), data=str(root / "rl.json"), images=str(root),
                     eval_data=str(root / "test.json"), eval_size=0, out=str(root / out), steps=20,
                     prompts_per_step=8, group_size=8, max_new_tokens=16, train_batch_size=64, micro_batch_size=32,
-                    lr=2e-3, kl_init=0.0, save_every=0, sample_every=0, eval_batch_size=32, seed=0)
+                    lr=2e-3, kl_init=0.0, save_every=0, sample_every=0, eval_batch_size=32, seed=0,
+                    device="cpu")
     settings.update(overrides)
     return train_grpo.GRPOConfig(**settings)
 
@@ -102,7 +104,8 @@ def test_grpo_resume_is_exact(world):
 def test_sft_resume_is_exact(world):
     config = train_sft.SFTConfig(model=str(world / "init"), data=str(world / "sft.json"), images=str(world),
                                  out=str(world / "resume-sft"), steps=6, batch_size=16, micro_batch_size=8, lr=3e-3,
-                                 eval_size=16, eval_every=0, save_every=3, freeze_vision=False)
+                                 eval_size=16, eval_every=0, save_every=3, freeze_vision=False,
+                                 device="cpu")
     _assert_resume_is_exact(train_sft.main, config)
 
 
@@ -137,6 +140,6 @@ def test_sft_overfits_eight_samples(world, tmp_path):
                                        eval_data=str(tmp_path / "fit.json"), images=str(tmp_path / "images"),
                                        out=str(tmp_path / "fit"), steps=300, batch_size=8, micro_batch_size=8,
                                        lr=3e-3, warmup_ratio=0.0, min_lr_ratio=1.0, eval_every=0,
-                                       freeze_vision=False))
+                                       freeze_vision=False, device="cpu"))
     final = [json.loads(line) for line in open(tmp_path / "fit" / "metrics.jsonl")][-1]
     assert final["eval_loss"] < 0.1 * unigram_entropy, (final["eval_loss"], unigram_entropy)

@@ -348,7 +348,8 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)  # (B, Hkv, G*T, Dh)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, Dh)
-        out = out.view(batch, self.num_heads, length, self.head_dim)  # (B, H, T, Dh)
+        # reshape, not view: CUDA's attention kernels may return another memory layout than the CPU's.
+        out = out.reshape(batch, self.num_heads, length, self.head_dim)  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), new_kv
 
 
