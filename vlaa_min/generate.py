@@ -34,7 +34,7 @@ The paper samples G = 4 rollouts per prompt at temperature 0.8 (SPEC.md); those 
 SamplingParams. Deviations from transformers' generate: no repetition penalty, beam search or
 min_new_tokens; stopping is by stop token ids or max_new_tokens only; completions are trimmed to the
 longest row. `compile=True` wraps the decode step (model forward on one token + sampling) in
-torch.compile (default mode, one graph for all steps); tests run eager.
+torch.compile (default mode, one graph for all steps; on CPU with Inductor's C++ wrapper); tests run eager.
 
 Usage:
     engine = Engine(model, pad_token_id=processor.pad_token_id)         # compile=True on GPU
