@@ -142,9 +142,9 @@ def logprobs_by_forward(model: VLModel, batch: PromptBatch, rollout, repeats: in
     return logprobs[:, batch.input_ids.shape[1] :]
 
 
-def generate(model, batch, num_samples, seed=0, **params):
-    return Engine(model, PAD).generate(
-        batch, num_samples, SamplingParams(**params), torch.Generator().manual_seed(seed)
+def generate(model, batch, num_samples, seed=0, device="cpu", compile=False, **params):
+    return Engine(model, PAD, compile=compile).generate(
+        batch.to(device), num_samples, SamplingParams(**params), torch.Generator(device).manual_seed(seed)
     )
 
 
