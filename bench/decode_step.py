@@ -1,0 +1,150 @@
+"""Where a compiled decode step's time goes (CPU): the engine's step and variants of it, compiled side by side.
+
+Each variant changes one part of `Engine._decode_step`. All of them run one after the other, round after round, so
+the drift of a shared machine (large on the 2-core CPU) hits them alike: a variant's difference from the full step
+is what that part costs. Setup as in bench/generate.py: the tiny random Qwen2.5-VL, its prompts prefilled into the
+engine's cache, G samples per prompt, one token per row, `new_tokens` generated slots (the step's cost does not
+depend on how many of them are filled: its shapes are fixed).
+
+  step                 the engine's compiled decode step: decoder, head, sampling at temperature 1
+  greedy               argmax instead of sampling                         -> what sampling costs
+  decoder only         hidden states, no head and no sampling             -> what head + argmax cost
+  8 / 1 generated slot the step over 8 or 1 generated slots, not new_tokens -> what attending to them costs
+  Python wrapper       compiled with Inductor's Python wrapper, not the C++ one the engine uses on CPU
+  no guard check       the step under set_stance(skip_guard_eval_unsafe=True) -> what Dynamo's guard check costs
+
+    python bench/decode_step.py      # 6 compiles, ~2.5 min the first time (Inductor caches them)
+"""
+
+import math
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from generate import make_prompts  # bench/generate.py: the rollout bench's prompts
+from vlaa_min.cache import GroupedKVCache, KVCache
+from vlaa_min.cli import parse_config, print_config
+from vlaa_min.config import ModelConfig
+from vlaa_min.generate import COMPILED_CACHE_MULTIPLE, Engine, SamplingParams
+from vlaa_min.model import VLModel
+from vlaa_min.rope import next_position_ids
+
+
+@dataclass
+class BenchConfig:
+    prompts: int = field(default=8, metadata={"help": "prompts per batch"})
+    samples: int = field(default=8, metadata={"help": "samples per prompt (G)"})
+    new_tokens: int = field(default=64, metadata={"help": "generated slots of the cache"})
+    rounds: int = field(default=300, metadata={"help": "timed calls per variant (median reported)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    seed: int = field(default=0, metadata={"help": "weights and prompts seed"})
+
+
+def decode_inputs(model: VLModel, batch, samples: int, generated_slots: int):
+    """The prompts prefilled into the engine's decode cache, half of its generated slots filled at random, and the
+    slot (1,) and position ids (3, N, 1) of the next token: a decode step's inputs halfway through generation."""
+    prompt_count, prompt_len = batch.input_ids.shape
+    prompt_slots = math.ceil(prompt_len / COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+    prompt_cache = KVCache.for_model(model, prompt_count, prompt_slots)
+    model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+          cache=prompt_cache, cache_position=torch.arange(prompt_len), return_hidden=True)  # fmt: skip
+    cache = GroupedKVCache(prompt_cache, samples, generated_slots)
+    filled = generated_slots // 2
+    for k, v in cache.layers:
+        k.normal_()
+        v.normal_()
+    cache.valid[:, :filled] = True
+    next_position = next_position_ids(batch.position_ids, batch.attention_mask).repeat_interleave(samples)  # (N,)
+    positions = (next_position + filled).expand(3, -1)[:, :, None]
+    return cache, torch.tensor([prompt_slots + filled]), positions
+
+
+def main(cfg: BenchConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    config = ModelConfig.tiny("qwen2_5_vl")
+    model = VLModel(config).eval()
+    batch = make_prompts(config, cfg.prompts, cfg.seed)
+    rows = cfg.prompts * cfg.samples
+    sample = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=1.0)
+    greedy = SamplingParams(max_new_tokens=cfg.new_tokens, greedy=True)
+
+    engine = Engine(model, config.pad_token_id, compile=True)  # its compiled step is the "step" variant
+
+    # Distinct functions, so that each compiled variant has its own Dynamo cache entry (entries of one function
+    # would be tried one after the other, and the guard check would cost more for some variants than others).
+    def greedy_step(tokens, positions, slot, cache, uniform):
+        return engine._decode_step(tokens, positions, slot, cache, uniform, greedy)
+
+    def decoder_only(tokens, positions, slot, cache, uniform):
+        return model(tokens[:, None], positions, cache=cache, cache_position=slot, return_hidden=True)
+
+    def eight_slot_step(tokens, positions, slot, cache, uniform):
+        return engine._decode_step(tokens, positions, slot, cache, uniform, sample)
+
+    def one_slot_step(tokens, positions, slot, cache, uniform):
+        return engine._decode_step(tokens, positions, slot, cache, uniform, sample)
+
+    def python_wrapper_step(tokens, positions, slot, cache, uniform):
+        return engine._decode_step(tokens, positions, slot, cache, uniform, sample)
+
+    def compiled(fn, **options):
+        return torch.compile(fn, dynamic=False, options=options or None)
+
+    cpp = {"cpp_wrapper": True}
+    variants = {  # name -> (callable, generated slots)
+        "step": (lambda *args: engine._step(*args, sample), cfg.new_tokens),
+        "greedy": (compiled(greedy_step, **cpp), cfg.new_tokens),
+        "decoder only": (compiled(decoder_only, **cpp), cfg.new_tokens),
+        "8 generated slots": (compiled(eight_slot_step, **cpp), 8),
+        "1 generated slot": (compiled(one_slot_step, **cpp), 1),
+        "Python wrapper": (compiled(python_wrapper_step), cfg.new_tokens),
+    }
+
+    with torch.inference_mode():
+        tokens = torch.randint(1 + config.video_token_id, config.text.vocab_size, (rows,))
+        uniform = torch.rand(rows)
+        calls = {}
+        for name, (fn, slots) in variants.items():
+            cache, slot, positions = decode_inputs(model, batch, cfg.samples, slots)
+            calls[name] = lambda fn=fn, inputs=(tokens, positions, slot, cache, uniform): fn(*inputs)
+        step_call = calls["step"]
+
+        def step_without_guards():
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return step_call()
+
+        calls["no guard check"] = step_without_guards
+        for name, call in calls.items():  # compile, then warm up
+            start = time.perf_counter()
+            call()
+            print(f"{name}: first call {time.perf_counter() - start:.1f} s", flush=True)
+            for _ in range(10):
+                call()
+        seconds = {name: [] for name in calls}
+        for _ in range(cfg.rounds):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                seconds[name].append(time.perf_counter() - start)
+
+    median_ms = {name: 1e3 * statistics.median(times) for name, times in seconds.items()}
+    print(f"\n{cfg.prompts} prompts x {cfg.samples} samples = {rows} rows, {batch.input_ids.shape[1]}-token prompts, "
+          f"{cfg.new_tokens} generated slots; CPU, {torch.get_num_threads()} threads, fp32; "
+          f"median of {cfg.rounds} alternated calls\n")  # fmt: skip
+    print("| variant | ms per call | minus the step's |")
+    print("|---|---:|---:|")
+    for name, ms in median_ms.items():
+        print(f"| {name} | {ms:.3f} | {ms - median_ms['step']:+.3f} |")
+    print(f"\ncommand: python {' '.join(shlex.quote(arg) for arg in sys.argv)}")
+
+
+if __name__ == "__main__":
+    config = parse_config(BenchConfig, description=__doc__.split("\n\n")[0])
+    print_config(config)
+    main(config)
