@@ -16,7 +16,6 @@ depend on how many of them are filled: its shapes are fixed).
     python bench/decode_step.py      # 6 compiles, ~2.5 min the first time (Inductor caches them)
 """
 
-import math
 import shlex
 import statistics
 import sys
@@ -26,12 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from generate import make_prompts  # bench/generate.py: the rollout bench's prompts
-from vlaa_min.cache import GroupedKVCache, KVCache
 from vlaa_min.cli import parse_config, print_config
 from vlaa_min.config import ModelConfig
-from vlaa_min.generate import COMPILED_CACHE_MULTIPLE, Engine, SamplingParams
+from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.model import VLModel
-from vlaa_min.rope import next_position_ids
 
 
 @dataclass
@@ -44,23 +41,18 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "weights and prompts seed"})
 
 
-def decode_inputs(model: VLModel, batch, samples: int, generated_slots: int):
-    """The prompts prefilled into the engine's decode cache, half of its generated slots filled at random, and the
+def decode_inputs(engine: Engine, batch, samples: int, generated_slots: int):
+    """The engine's decode cache for `batch` (its prefill), half of the generated slots filled at random, and the
     slot (1,) and position ids (3, N, 1) of the next token: a decode step's inputs halfway through generation."""
-    prompt_count, prompt_len = batch.input_ids.shape
-    prompt_slots = math.ceil(prompt_len / COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
-    prompt_cache = KVCache.for_model(model, prompt_count, prompt_slots)
-    model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-          cache=prompt_cache, cache_position=torch.arange(prompt_len), return_hidden=True)  # fmt: skip
-    cache = GroupedKVCache(prompt_cache, samples, generated_slots)
+    cache, _, next_position = engine._prefill(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                              batch.pixel_values, batch.image_grid_thw, samples, generated_slots)
     filled = generated_slots // 2
     for k, v in cache.layers:
         k.normal_()
         v.normal_()
     cache.valid[:, :filled] = True
-    next_position = next_position_ids(batch.position_ids, batch.attention_mask).repeat_interleave(samples)  # (N,)
     positions = (next_position + filled).expand(3, -1)[:, :, None]
-    return cache, torch.tensor([prompt_slots + filled]), positions
+    return cache, torch.tensor([cache.prompt_len + filled]), positions
 
 
 def main(cfg: BenchConfig) -> None:
@@ -111,7 +103,7 @@ def main(cfg: BenchConfig) -> None:
         uniform = torch.rand(rows)
         calls = {}
         for name, (fn, slots) in variants.items():
-            cache, slot, positions = decode_inputs(model, batch, cfg.samples, slots)
+            cache, slot, positions = decode_inputs(engine, batch, cfg.samples, slots)
             calls[name] = lambda fn=fn, inputs=(tokens, positions, slot, cache, uniform): fn(*inputs)
         step_call = calls["step"]
 

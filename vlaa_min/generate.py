@@ -173,6 +173,34 @@ class Engine:
         logits = self.model(tokens[:, None], position_ids, cache=cache, cache_position=cache_position)  # (N, 1, V)
         return sample_tokens(logits[:, -1], params, uniform)
 
+    def _prefill(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new):
+        """Run each prompt (and its images) once and hand it to its G sample rows (row p*G + g).
+
+        Returns the decode cache (GroupedKVCache: the prompts' keys/values once, max_new generated slots per row),
+        each row's first-token logits (N, V) and the position id of its first generated token (N,).
+        """
+        prompt_count, prompt_len = input_ids.shape
+        prompt_slots = prompt_len
+        if self.compiled:
+            prompt_slots = -(-prompt_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+        cache = KVCache.for_model(self.model, prompt_count, prompt_slots)
+        hidden = self.model(
+            input_ids,
+            position_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            cache=cache,
+            cache_position=torch.arange(prompt_len, device=input_ids.device),
+            return_hidden=True,
+        )  # (B, T, D)
+        first_logits = self.model.lm_head(hidden[:, -1])  # (B, V): left padding puts every last token in column T-1
+        # Each row draws its own first token from these logits (the caller); the prompt's keys/values stay one copy.
+        cache = GroupedKVCache(cache, num_samples, max_new)
+        first_logits = first_logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+        next_position = next_position_ids(position_ids, attention_mask).repeat_interleave(num_samples)  # (N,)
+        return cache, first_logits, next_position
+
     @torch.inference_mode()
     def generate(
         self, batch, num_samples: int, params: SamplingParams, generator: torch.Generator | None
@@ -202,33 +230,15 @@ class Engine:
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("Engine.generate: prompts must be LEFT padded (every row's last column a real token)")
 
-        prompt_count, prompt_len = input_ids.shape
-        rows, max_new = prompt_count * num_samples, params.max_new_tokens
-
-        # --- prefill: each prompt (and its images) once
-        prompt_slots = prompt_len
-        if self.compiled:
-            prompt_slots = -(-prompt_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
-        cache = KVCache.for_model(self.model, prompt_count, prompt_slots)
-        hidden = self.model(
-            input_ids,
-            position_ids,
-            attention_mask,
-            pixel_values,
-            image_grid_thw,
-            cache=cache,
-            cache_position=torch.arange(prompt_len, device=device),
-            return_hidden=True,
-        )  # (B, T, D)
-        first_logits = self.model.lm_head(hidden[:, -1])  # (B, V): left padding puts every last token in column T-1
-
-        # --- hand each prompt to its G sample rows (row p*G + g); each row then draws its own first token
-        cache = GroupedKVCache(cache, num_samples, max_new)  # the prompt's keys/values stay one copy
-        first_logits = first_logits.repeat_interleave(num_samples, dim=0)  # (N, V)
-        next_position = next_position_ids(position_ids, attention_mask).repeat_interleave(num_samples)  # (N,)
+        prompt_count, max_new = input_ids.shape[0], params.max_new_tokens
+        rows = prompt_count * num_samples
+        # --- prefill each prompt once; its G rows each draw their own first token below
+        cache, first_logits, next_position = self._prefill(
+            input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new
+        )
         # Generated tokens are text: the same position on all three MRoPE axes, one more per step.
         step_positions = (next_position[:, None] + torch.arange(max_new, device=device)).expand(3, -1, -1)  # (3,N,L)
-        cache_positions = torch.arange(prompt_slots, prompt_slots + max_new, device=device)  # (L,)
+        cache_positions = torch.arange(cache.prompt_len, cache.prompt_len + max_new, device=device)  # (L,)
 
         completion_ids = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
