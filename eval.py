@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 import data
 import rewards
-from vlaa_min.cli import parse_config, print_config
+from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.model import VLModel
 from vlaa_min.pipeline import AHA_WORDS  # the paper's list, also used to split SFT / RL data
 from vlaa_min.processor import Processor
+from vlaa_min.run import check_model_dir
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype
-
 
 
 @dataclass
@@ -55,8 +55,9 @@ class EvalConfig:
     show: int = field(default=0, metadata={"help": "print N responses next to their references"})
 
     def __post_init__(self):
+        check_sizes(self, positive=("samples", "max_new_tokens", "batch_size"), non_negative=("limit", "temperature"))
         if self.temperature == 0 and self.samples != 1:
-            raise ValueError("greedy decoding (--temperature 0) gives one response per question; use --samples 1")
+            raise ConfigError("greedy decoding (--temperature 0) gives one response per question; use --samples 1")
 
 
 def aha_count(text: str) -> int:
@@ -153,6 +154,7 @@ def markdown_table(summaries: dict[str, dict]) -> str:
 
 def main(cfg: EvalConfig) -> dict:
     print_config(cfg)
+    check_model_dir(cfg.model)
     device = resolve_device(cfg.device)
     precision = resolve_dtype(cfg.precision, device)
     records = data.load_records(cfg.data, cfg.images)
@@ -181,4 +183,4 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig, description=__doc__.split("\n")[0]))
+    run_script(main, EvalConfig, __doc__)

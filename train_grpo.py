@@ -31,7 +31,7 @@ options, off by default. The vision tower is frozen by default (as in the paper'
     make grpo                                   # toy world, CPU: data + base if missing, then GRPO and eval
     python train_grpo.py --model runs/base/model --out runs/grpo
     make grpo MODEL=Qwen2.5-VL-3B-Instruct DATA=VLAA-Thinking-GRPO-25K.json IMAGES=images
-Resume with the same command plus --resume true.
+Resume with the same command plus --resume true (--overwrite true starts it again).
 """
 
 import copy
@@ -47,7 +47,7 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 import rewards
-from vlaa_min.cli import parse_config, print_config, save_config
+from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.grpo_loss import (
     AGGREGATIONS,
@@ -62,9 +62,14 @@ from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import MetricsLogger, plot_curves
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
+from vlaa_min.run import check_finite, check_model_dir, check_out_folder, file_sha256, open_run, release_lock
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
-from vlaa_min.train_state import latest_checkpoint, resume_training, save_checkpoint
+from vlaa_min.train_state import resume_training, save_checkpoint, save_model
+
+# Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
+RESUME_SAFE = frozenset({"eval_every", "eval_batch_size", "save_every", "sample_every", "device", "compile",
+                         "gradient_checkpointing", "skip_bad"})
 
 
 @dataclass
@@ -119,19 +124,25 @@ class GRPOConfig:
     save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (0 = at the end only)"})
     sample_every: int = field(default=20, metadata={"help": "print decoded samples every N steps (0 = never)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "delete what --out holds and start again"})
     skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
 
     def __post_init__(self):
+        check_sizes(self, positive=("steps", "prompts_per_step", "group_size", "temperature", "max_new_tokens",
+                                    "max_prompt_length", "train_batch_size", "micro_batch_size", "mu", "lr",
+                                    "eval_batch_size"),
+                    non_negative=("eval_size", "warmup_ratio", "weight_decay", "grad_clip", "kl_init", "kl_target",
+                                  "eval_every", "save_every", "sample_every"))
         rollout = self.prompts_per_step * self.group_size
         if self.train_batch_size % self.micro_batch_size:
-            raise ValueError(f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-batch-size")
+            raise ConfigError(f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-batch-size")
         if rollout % self.train_batch_size:
-            raise ValueError(f"a rollout of {self.prompts_per_step} x {self.group_size} = {rollout} samples must be a "
+            raise ConfigError(f"a rollout of {self.prompts_per_step} x {self.group_size} = {rollout} samples must be a "
                              f"multiple of --train-batch-size {self.train_batch_size} (no sample is dropped)")
         if self.group_size < 2:
-            raise ValueError("GRPO needs --group-size >= 2 to form a baseline")
+            raise ConfigError("GRPO needs --group-size >= 2 to form a baseline")
         if self.loss_aggregation not in AGGREGATIONS or self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"--loss-aggregation in {AGGREGATIONS}, --kl-estimator in {KL_ESTIMATORS}")
+            raise ConfigError(f"--loss-aggregation in {AGGREGATIONS}, --kl-estimator in {KL_ESTIMATORS}")
 
 
 def chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -172,8 +183,8 @@ def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
 
 def main(cfg: GRPOConfig) -> dict:
     print_config(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
+    check_model_dir(cfg.model)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_dtype(cfg.precision, device)
@@ -181,6 +192,9 @@ def main(cfg: GRPOConfig) -> dict:
     # --- data: validated (fields, types, images) before anything runs
     records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad)
     eval_records = data.load_records(cfg.eval_data, cfg.images, skip_bad=cfg.skip_bad) if cfg.eval_data else []
+    if cfg.eval_size > len(eval_records) > 0:
+        raise ConfigError(f"--eval-size {cfg.eval_size} is more than the {len(eval_records)} records of "
+                          f"{cfg.eval_data}")
     eval_records = eval_records[: cfg.eval_size] if cfg.eval_size else eval_records
     rewards_cfg = reward_config(cfg)
     updates_per_step = cfg.mu * cfg.prompts_per_step * cfg.group_size // cfg.train_batch_size
@@ -211,22 +225,25 @@ def main(cfg: GRPOConfig) -> dict:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # rollout sampling
     shuffler = torch.Generator().manual_seed(cfg.seed + 1)  # order of samples within a rollout buffer
 
+    # --- the run folder: created only now that the inputs check out
+    settings = dataclasses.asdict(cfg) | {"data_sha256": file_sha256(cfg.data),
+                                          "eval_data_sha256": file_sha256(cfg.eval_data)}
+    lock, resumed = open_run(cfg.out, settings, resume=cfg.resume, overwrite=cfg.overwrite, safe=RESUME_SAFE)
     start_step, history = 0, {}
-    checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
-    if checkpoint:
-        state = resume_training(checkpoint, policy, optimizer, scheduler, sampler)
+    if resumed:
+        state = resume_training(*resumed, policy, optimizer, scheduler, sampler)
         kl_controller.load_state_dict(state["kl_controller"])
         generator.set_state(state["generator"])
         shuffler.set_state(state["shuffler"])
         start_step, history = state["step"], state["history"]
-    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if checkpoint else None)
+    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if resumed else None)
 
     def save(step: int) -> None:
         save_checkpoint(cfg.out, step, policy, processor, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(), "kl_controller": kl_controller.state_dict(),
             "generator": generator.get_state(), "shuffler": shuffler.get_state(), "history": history,
-            "config": dataclasses.asdict(cfg)})
+            "settings": settings})
 
     if eval_records and "before" not in history:
         history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision)
@@ -253,6 +270,7 @@ def main(cfg: GRPOConfig) -> dict:
         samples = [batch_records[int(p)] for p in rollout.prompt_index]
         scored = rewards.compute_rewards(texts, samples, config=rewards_cfg)
         reward = torch.tensor([s["reward"] for s in scored]).view(cfg.prompts_per_step, cfg.group_size)  # (P, G)
+        check_finite(step + 1, cfg.out, reward=reward.sum().item())
         t2 = time.perf_counter()
 
         # --- advantage: normalised within each group of G
@@ -298,6 +316,7 @@ def main(cfg: GRPOConfig) -> dict:
                     for name, value in token_sums.items():
                         sums[name] += float(value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
+                check_finite(step + 1, cfg.out, loss=sums["loss"], grad_norm=float(grad_norm))
                 sums["grad_norm"] += float(grad_norm)
                 sums["updates"] += 1
                 optimizer.step()
@@ -363,14 +382,14 @@ def main(cfg: GRPOConfig) -> dict:
         print("held-out accuracy (%), greedy:\n" + table)
     save(cfg.steps)
     final_dir = os.path.join(cfg.out, "model")
-    policy.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
+    save_model(final_dir, policy, processor)
     png = plot_curves({os.path.basename(os.path.normpath(cfg.out)): os.path.join(cfg.out, "metrics.jsonl")},
                       ["reward", "accuracy", "completion_length", "kl"], os.path.join(cfg.out, "curves.png"),
                       title="GRPO")
-    print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png}  model: {final_dir}")
+    release_lock(lock)
+    print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png or 'none'}  model: {final_dir}")
     return history
 
 
 if __name__ == "__main__":
-    main(parse_config(GRPOConfig, description=__doc__.split("\n")[0]))
+    run_script(main, GRPOConfig, __doc__)

@@ -23,7 +23,7 @@ Runs:
     python train_sft.py --model runs/base/model --data toy/sft.json --images toy/images --out runs/sft
     python train_sft.py --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json --images images \
         --batch-size 128 --micro-batch-size 4 --lr 1e-5 --epochs 1 --out runs/sft-3b
-Resume an interrupted run with the same command plus --resume true.
+Resume an interrupted run with the same command plus --resume true (--overwrite true starts it again).
 """
 
 import dataclasses
@@ -36,14 +36,18 @@ import torch
 from tqdm import tqdm
 
 import data
-from vlaa_min.cli import parse_config, print_config, save_config
+from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.logprobs import masked_logprobs
 from vlaa_min.metrics import MetricsLogger
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
+from vlaa_min.run import check_finite, check_model_dir, check_out_folder, file_sha256, open_run, release_lock
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
-from vlaa_min.train_state import latest_checkpoint, resume_training, save_checkpoint
+from vlaa_min.train_state import resume_training, save_checkpoint, save_model
+
+# Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
+RESUME_SAFE = frozenset({"eval_every", "save_every", "device", "compile", "gradient_checkpointing", "skip_bad"})
 
 
 @dataclass
@@ -75,11 +79,15 @@ class SFTConfig:
     eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps (0 = only at the end)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "delete what --out holds and start again"})
     skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
 
     def __post_init__(self):
+        check_sizes(self, positive=("epochs", "batch_size", "micro_batch_size", "lr", "max_length"),
+                    non_negative=("steps", "eval_size", "warmup_ratio", "weight_decay", "grad_clip", "eval_every",
+                                  "save_every"))
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
+            raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
                              f"{self.micro_batch_size}")
 
 
@@ -106,8 +114,8 @@ def held_out_loss(model, records, processor, cfg, device, precision) -> float:
 
 def main(cfg: SFTConfig) -> str:
     print_config(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
+    check_model_dir(cfg.model)
     seed_everything(cfg.seed)
     device, precision = resolve_device(cfg.device), resolve_dtype(cfg.precision, resolve_device(cfg.device))
 
@@ -116,7 +124,9 @@ def main(cfg: SFTConfig) -> str:
     if cfg.eval_data:
         eval_records = data.load_records(cfg.eval_data, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)
     else:
-        assert len(records) > 2 * cfg.eval_size, f"{cfg.data}: too few records to hold out {cfg.eval_size}"
+        if not 0 < cfg.eval_size <= len(records) // 2:
+            raise ConfigError(f"--eval-size {cfg.eval_size}: hold out 1 to {len(records) // 2} (half) of the "
+                              f"{len(records)} records of {cfg.data}, or give --eval-data")
         records, eval_records = records[: -cfg.eval_size], records[-cfg.eval_size :]
     steps_per_epoch = len(records) / cfg.batch_size
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -139,16 +149,17 @@ def main(cfg: SFTConfig) -> str:
     sampler = data.EpochSampler(len(records), seed=cfg.seed)
     forward = torch.compile(model) if cfg.compile else model
 
-    start_step = 0
-    checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
-    if checkpoint:
-        start_step = resume_training(checkpoint, model, optimizer, scheduler, sampler)["step"]
-    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if checkpoint else None)
+    # --- the run folder: created only now that the inputs check out
+    settings = dataclasses.asdict(cfg) | {"data_sha256": file_sha256(cfg.data),
+                                          "eval_data_sha256": file_sha256(cfg.eval_data)}
+    lock, resumed = open_run(cfg.out, settings, resume=cfg.resume, overwrite=cfg.overwrite, safe=RESUME_SAFE)
+    start_step = resume_training(*resumed, model, optimizer, scheduler, sampler)["step"] if resumed else 0
+    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if resumed else None)
 
     def save(step: int) -> None:
         save_checkpoint(cfg.out, step, model, processor, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(), "config": dataclasses.asdict(cfg)})
+            "sampler": sampler.state_dict(), "settings": settings})
 
     # --- train
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft",
@@ -166,6 +177,7 @@ def main(cfg: SFTConfig) -> str:
             loss.backward()
             loss_total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        check_finite(step + 1, cfg.out, loss=loss_total, grad_norm=float(grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
@@ -188,11 +200,11 @@ def main(cfg: SFTConfig) -> str:
     # --- final model: a checkpoint (resumable) and a plain model directory for the next stage
     save(total_steps)
     final_dir = os.path.join(cfg.out, "model")
-    model.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
+    save_model(final_dir, model, processor)
+    release_lock(lock)
     print(f"model written to {final_dir}; metrics in {metrics.path}")
     return final_dir
 
 
 if __name__ == "__main__":
-    main(parse_config(SFTConfig, description=__doc__.split("\n")[0]))
+    run_script(main, SFTConfig, __doc__)

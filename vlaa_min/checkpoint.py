@@ -7,6 +7,8 @@
   raises, the temporary directory is deleted and `final_path` is untouched. A crash at any
   point leaves either the old or the new directory complete, plus at most a `*.tmp-*` or
   `*.old-*` sibling to clean up.
+* `clean_leftovers(parent)`: after a crash, finish or undo the swaps it interrupted and delete the leftovers
+  (only when no other process can be writing into `parent`: the run folder's lock).
 * `load_state_dict(directory)`: a single `model.safetensors`, or the shards listed in a
   `model.safetensors.index.json` (the Hugging Face layout).
 * `save_state_dict(state_dict, directory, max_shard_bytes=None)`: the same layouts, sharded
@@ -71,6 +73,22 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
     _fsync_path(final_path.parent)
     if old_path is not None:
         shutil.rmtree(old_path)
+
+
+def clean_leftovers(parent: str | os.PathLike) -> list[str]:
+    """Finish the swaps a crash cut between its two renames, delete every `*.tmp-*` / `*.old-*`; returns their names."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    for old in parent.glob("*.old-*"):
+        name, tag = old.name.rsplit(".old-", 1)
+        final, tmp = old.with_name(name), old.with_name(f"{name}.tmp-{tag}")
+        if not final.exists():  # the new directory was fsynced before the first rename: it is complete
+            os.rename(tmp if tmp.exists() else old, final)
+    leftovers = sorted([*parent.glob("*.tmp-*"), *parent.glob("*.old-*")])
+    for path in leftovers:
+        shutil.rmtree(path)
+    return [path.name for path in leftovers]
 
 
 def load_state_dict(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

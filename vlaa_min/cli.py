@@ -8,13 +8,33 @@ taken from the field's `metadata["help"]` -- and back, and saves the resolved co
     class Config:
         lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     cfg = parse_config(Config)          # python script.py --lr 3e-5
+
+A script's entry point is `run_script(main, Config, doc)`: a `UserError` (bad flags, bad data, a run that cannot
+go on) ends the process with its message and exit code 1, not a traceback.
 """
 
 import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
+
+
+class UserError(Exception):
+    """Bad input or a run that cannot go on: the message says what and where; no traceback is shown."""
+
+
+class ConfigError(UserError, ValueError):
+    """A flag value that cannot work: the message names the flag."""
+
+
+def check_sizes(config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError naming the first field of `positive` that is <= 0 or of `non_negative` that is < 0."""
+    for name in positive + non_negative:
+        value, strict = getattr(config, name), name in positive
+        if not (value > 0 if strict else value >= 0):  # NaN fails both
+            raise ConfigError(f"--{name.replace('_', '-')} must be {'> 0' if strict else '>= 0'}, got {value}")
 
 
 def str_to_bool(text: str) -> bool:
@@ -58,8 +78,21 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
 
 def parse_config(config_cls, argv: list[str] | None = None, description: str | None = None):
     """Parse argv into an instance of config_cls (runs its __post_init__ checks)."""
-    args = build_parser(config_cls, description).parse_args(argv)
-    return config_cls(**vars(args))
+    parser = build_parser(config_cls, description)
+    args = parser.parse_args(argv)
+    try:
+        return config_cls(**vars(args))
+    except ConfigError as error:
+        parser.error(str(error))  # usage line + message, exit code 2
+
+
+def run_script(main, config_cls, doc: str) -> None:
+    """The `if __name__ == "__main__"` of a script: parse the flags, run main, print a UserError without traceback."""
+    config = parse_config(config_cls, description=doc.split("\n")[0])
+    try:
+        main(config)
+    except UserError as error:
+        sys.exit(f"error: {error}")
 
 
 def config_to_dict(config) -> dict:
@@ -73,8 +106,8 @@ def print_config(config) -> None:
 
 
 def save_config(config, path: str) -> None:
-    """Write the resolved config as JSON (atomically: a crash never leaves a half-written file)."""
+    """Write the resolved config (a dataclass or a dict) as JSON, atomically: never a half-written file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(config_to_dict(config), f, indent=2)
+        json.dump(config if isinstance(config, dict) else config_to_dict(config), f, indent=2)
     os.replace(tmp, path)

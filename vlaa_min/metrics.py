@@ -2,7 +2,8 @@
 
 The JSONL file is the source of truth for every plot and table; it is appended and flushed line by line, so a
 crash loses at most the step in flight, and on resume the lines past the resumed step are dropped (they belong to
-work that the checkpoint does not contain).
+work that the checkpoint does not contain), and so is a torn last line (a crash mid-write). The plot is optional:
+without matplotlib it is skipped with a warning.
 """
 
 import json
@@ -31,12 +32,19 @@ def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    # Every complete line ends in a newline: what follows the last one is a write a crash cut short.
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
-def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str = "") -> str:
-    """Plot `keys` (one panel each) against step for every run {label: metrics.jsonl path}; returns out_png."""
-    import matplotlib
+def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str = "") -> str | None:
+    """Plot `keys` (one panel each) against step for every run {label: metrics.jsonl path}; returns out_png, or
+    None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"warning: matplotlib is not installed, so no {out_png} (pip install matplotlib)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

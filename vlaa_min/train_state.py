@@ -4,7 +4,9 @@ A checkpoint is a directory that is at once a Hugging Face model directory (conf
 preprocessor_config.json -- load it with transformers or with our VLModel.from_pretrained) and a resumable training
 state (trainer_state.pt: step, optimizer, scheduler, data sampler, every RNG, and whatever else the trainer passes,
 e.g. the KL controller). It is written into a temporary directory and renamed into place, so a crash mid-save
-leaves the previous checkpoints intact and never a half-written one.
+leaves the previous checkpoints intact and never a half-written one. The final model directory is written the same
+way (save_model). On resume, a newest checkpoint that does not load (a truncated file, an empty folder) is
+reported, deleted, and the one before it is used (load_newest).
 
     out/checkpoints/step_000050/   out/checkpoints/step_000100/   ...
 """
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from vlaa_min.checkpoint import atomic_directory
+from vlaa_min.cli import UserError
 from vlaa_min.model import VLModel
 
 STATE_FILE = "trainer_state.pt"
@@ -43,24 +46,33 @@ def checkpoint_dir(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
 
 
-def latest_checkpoint(out_dir: str) -> str | None:
+def checkpoint_steps(out_dir: str) -> list[int]:
+    """The steps of out_dir's checkpoints, oldest first."""
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
-        return None
-    steps = [int(m.group(1)) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
-    return checkpoint_dir(out_dir, max(steps)) if steps else None
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    steps = checkpoint_steps(out_dir)
+    return checkpoint_dir(out_dir, steps[-1]) if steps else None
+
+
+def save_model(directory: str, model, processor, state: dict | None = None) -> None:
+    """Weights, config, tokenizer, processor (and a trainer state) as one unit: all of them or the old directory."""
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
 
 
 def save_checkpoint(out_dir: str, step: int, model, processor, state: dict, keep_last: int = 2) -> str:
     """Write model + processor + {"step", **state, "rng"} atomically; keep only the newest `keep_last`."""
     final = checkpoint_dir(out_dir, step)
-    with atomic_directory(final) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        torch.save({"step": step, "rng": rng_state(), **state}, os.path.join(tmp, STATE_FILE))
-    root = os.path.join(out_dir, "checkpoints")
-    old = sorted(int(m.group(1)) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))[:-keep_last]
-    for old_step in old:
+    save_model(final, model, processor, {"step": step, "rng": rng_state(), **state})
+    for old_step in checkpoint_steps(out_dir)[:-keep_last]:
         shutil.rmtree(checkpoint_dir(out_dir, old_step), ignore_errors=True)
     return final
 
@@ -73,14 +85,37 @@ def load_state(checkpoint: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def resume_training(checkpoint: str, model, optimizer, scheduler, sampler) -> dict:
-    """Restore weights, optimizer, scheduler, data sampler and every RNG from `checkpoint`, in place.
+def load_newest(out_dir: str) -> tuple[str, dict, dict] | None:
+    """(path, trainer state, weights) of the newest checkpoint that loads, or None when there is none.
+
+    A newer one that does not load is reported and deleted: it holds nothing usable, and the resumed run writes
+    its step again.
+    """
+    broken = []
+    for step in reversed(checkpoint_steps(out_dir)):
+        path = checkpoint_dir(out_dir, step)
+        try:
+            state = load_state(path)
+            weights = VLModel.from_pretrained(path).state_dict()
+        except Exception as error:  # any failure to load makes the checkpoint unusable; say which and why
+            print(f"skipping checkpoint {path}: it does not load ({type(error).__name__}: {error})")
+            broken.append(path)
+            continue
+        for dead in broken:
+            shutil.rmtree(dead)
+        return path, state, weights
+    if broken:
+        raise UserError(f"no checkpoint in {os.path.join(out_dir, 'checkpoints')} loads; nothing to resume (the "
+                        f"reasons are printed above); start again with --overwrite true")
+    return None
+
+
+def resume_training(checkpoint: str, state: dict, weights: dict, model, optimizer, scheduler, sampler) -> dict:
+    """Restore weights, optimizer, scheduler, data sampler and every RNG from a loaded checkpoint, in place.
 
     Returns the whole saved state, so that a trainer can restore what else it saved (KL controller, ...).
     """
-    state = load_state(checkpoint)
-    weights = VLModel.from_pretrained(checkpoint, dtype=next(model.parameters()).dtype).state_dict()
-    model.load_state_dict(weights)
+    model.load_state_dict({name: tensor.to(next(model.parameters()).dtype) for name, tensor in weights.items()})
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])

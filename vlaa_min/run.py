@@ -1,0 +1,142 @@
+"""One run per folder: claimed under a lock, never mixed with another run, resumed only as it was trained.
+
+    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)   # first thing: refuse a folder that holds another run
+    ... load and check the inputs ...
+    lock, resumed = open_run(cfg.out, settings, resume=cfg.resume, overwrite=cfg.overwrite, safe=RESUME_SAFE)
+
+- A folder that holds anything is refused unless --resume true (continue it) or --overwrite true (delete it).
+- The folder's `.lock` file is locked (flock) for the life of the process and holds its PID. The kernel drops the
+  lock when the process dies however it dies, so a lock file left by a killed run is stale by definition: it is
+  taken over, and the old PID is printed.
+- Leftovers of a write a crash cut short (`*.tmp-*`, `*.old-*`) are cleaned (vlaa_min.checkpoint.clean_leftovers).
+- `settings` (the config plus the inputs' content hashes) is saved in config.json and in every checkpoint. On
+  resume, every field that shapes training must equal the checkpoint's; the `safe` fields (eval cadence, logging,
+  device) may change, and each change is printed.
+"""
+
+import hashlib
+import math
+import os
+import shutil
+
+from vlaa_min.checkpoint import clean_leftovers
+from vlaa_min.cli import ConfigError, UserError, save_config
+from vlaa_min.train_state import latest_checkpoint, load_newest
+
+LOCK_FILE = ".lock"
+ALWAYS_SAFE = frozenset({"out", "resume", "overwrite"})  # how a run is started, not how it trains
+
+
+def check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out that holds another run unless the user said what to do with it."""
+    if resume and overwrite:
+        raise ConfigError("--resume true and --overwrite true exclude each other")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder")
+    held = os.path.isdir(out) and any(name != LOCK_FILE for name in os.listdir(out))
+    if held and not (resume or overwrite):
+        raise UserError(f"--out {out} already holds a run: continue it with --resume true, replace it with "
+                        f"--overwrite true, or choose another --out")
+
+
+def take_lock(out: str):
+    """Lock out/.lock for this process (the open file holds the lock) and write our PID into it."""
+    import fcntl  # Unix only, like the rest of the trainers' process handling
+
+    path = os.path.join(out, LOCK_FILE)
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise UserError(f"--out {out} is in use by another run (process {holder}, lock file {path}); wait for it "
+                        f"to end or choose another --out") from None
+    lock.seek(0)
+    stale = lock.read().strip()
+    if stale:
+        print(f"{path}: taking over the lock of process {stale}, which is no longer running")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def release_lock(lock) -> None:
+    """Empty the lock file (an empty lock is a clean end) and drop the lock."""
+    lock.seek(0)
+    lock.truncate()
+    lock.close()
+
+
+def check_model_dir(path: str, flag: str = "--model") -> None:
+    """A model must be a local checkpoint folder: say so at once instead of failing deep inside a loader."""
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory (a local checkpoint folder is needed)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{flag} {path}: no config.json in it; is it a finished model folder?")
+
+
+def file_sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flag(name: str) -> str:
+    """'eval_every' -> '--eval-every'; 'data_sha256' -> 'the content of --data'."""
+    if name.endswith("_sha256"):
+        return "the content of " + _flag(name.removesuffix("_sha256"))
+    return "--" + name.replace("_", "-")
+
+
+def check_resume_settings(checkpoint: str, saved: dict, current: dict, safe: frozenset[str]) -> None:
+    """Refuse a resume under settings that shape training differently; print the safe changes."""
+    changed = {name: (saved[name], value) for name, value in current.items() if name in saved and saved[name] != value}
+    refused = [f"{_flag(name)} {new!r} (trained with {old!r})" for name, (old, new) in changed.items()
+               if name not in safe | ALWAYS_SAFE]
+    if refused:
+        raise UserError(f"cannot resume {checkpoint}: settings that shape training differ from the run's:\n  "
+                        + "\n  ".join(refused) + "\nresume with the run's settings, or start a new run in another "
+                        "--out")
+    for name, (old, new) in changed.items():
+        if name not in ALWAYS_SAFE:
+            print(f"resuming with {_flag(name)} {new!r} (was {old!r})")
+
+
+def open_run(out: str, settings: dict, *, resume: bool, overwrite: bool, safe: frozenset[str]):
+    """Claim `out` (see the module docstring); returns (lock, (checkpoint, state, weights) or None)."""
+    check_out_folder(out, resume, overwrite)
+    os.makedirs(out, exist_ok=True)
+    lock = take_lock(out)
+    check_out_folder(out, resume, overwrite)  # again, under the lock: another run may have started meanwhile
+    if overwrite:
+        for name in os.listdir(out):
+            if name != LOCK_FILE:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for parent in (out, os.path.join(out, "checkpoints")):
+        for name in clean_leftovers(parent):
+            print(f"{parent}: removed {name}, left by an interrupted write")
+    resumed = load_newest(out) if resume else None
+    if resume and resumed is None:
+        print(f"{out}: no checkpoint to resume; starting at step 0")
+    if resumed:
+        check_resume_settings(resumed[0], resumed[1].get("settings", {}), settings, safe)
+    save_config(settings, os.path.join(out, "config.json"))
+    return lock, resumed
+
+
+def check_finite(step: int, out: str, **values: float) -> None:
+    """Stop the run when a loss, reward or norm is NaN or inf: nothing after it can be trusted."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        kept = latest_checkpoint(out) or "none (no checkpoint was written yet)"
+        causes = ", ".join(f"{name} is {value}" for name, value in bad.items())
+        raise UserError(f"step {step}: {causes}; training stopped before the update. Last good checkpoint: {kept}")
