@@ -8,10 +8,14 @@ VLAA-Thinking's JSON: "id", "image" (path relative to an images root; absent, nu
 What it does:
 - `load_records` reads a JSON array file or a JSON-lines file (told apart by the first non-blank character, not
   by the extension) and validates EVERY record before training starts: "question" and "gt" present and strings
-  (numbers in "gt" are turned into strings), a known reward type (rewards.resolve_type: the record's
-  "verifier_type" or, for GRPO files without it, its source), no Qwen special-token text ("<|...|>") in the
-  question or answer (it would be tokenised as a control token), and an image path that is relative, has no
-  ".." part, exists and decodes (PIL verify; each file checked once however many records share it).
+  (numbers in "gt" are turned into strings; NaN and inf are refused), a known reward type (the record's
+  "verifier_type" or, for GRPO files without it, its source) and a "gt" the reward can score for that type
+  (rewards.check_sample: a number, a valid box, a parsable math expression, a well-formed toy scene), a unique
+  id, no Qwen special-token text ("<|...|>") in the question or answer (it would be tokenised as a control
+  token), and an image path that is relative, has no ".." part, exists, decodes (PIL verify; each file checked
+  once however many records share it), has at most Image.MAX_IMAGE_PIXELS pixels (a decompression bomb) and an
+  aspect ratio the processor accepts.
+  `check_prompt_lengths` adds, once a processor is loaded, that every prompt fits the trainer's length limit.
   Each record is normalised: "verifier_type" always set, a literal "<image>" placeholder removed from the
   question (the processor places the image), "answer" built from "ds_answer" when absent, "id" filled in
   ("<file stem>:<record number>") when absent.
@@ -49,7 +53,9 @@ Usage:
 """
 
 import json
+import math
 import re
+import warnings
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
@@ -57,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 import rewards
+from vlaa_min.processor import MAX_ASPECT_RATIO
 
 SKIP_REPORT_EXAMPLES = 5  # how many skipped-record messages skip_bad prints
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[A-Za-z_]+\|>")  # Qwen's special tokens: <|im_end|>, <|image_pad|>, ...
@@ -72,11 +79,13 @@ class DataError(ValueError):
 
 
 class RecordList(list):
-    """The records load_records returns; `skipped` counts the records skip_bad left out, by problem kind."""
+    """The records load_records returns; `skipped` counts the records skip_bad left out, by problem kind, and
+    `where` maps each record's id to its place in the file ("<file>:<line>")."""
 
-    def __init__(self, records=(), skipped: Counter | None = None):
+    def __init__(self, records=(), skipped: Counter | None = None, where: dict | None = None):
         super().__init__(records)
         self.skipped = skipped if skipped is not None else Counter()
+        self.where = where if where is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,6 +207,8 @@ def _text_field(record: dict, name: str, where: str, *, allow_number: bool = Fal
     if name not in record or record[name] is None:
         raise DataError(where, name, "missing", "missing_field")
     value = record[name]
+    if allow_number and isinstance(value, float) and not math.isfinite(value):
+        raise DataError(where, name, f"{value} is not a usable value (JSON NaN or Infinity)", "wrong_type")
     if allow_number and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
@@ -222,24 +233,38 @@ def _check_image(record: dict, where: str, images_root: Path, verified: dict) ->
     except ValueError as error:
         raise DataError(where, "image", str(error), "unsafe_path") from None
     if path not in verified:  # many records share an image: check each file once
-        problem = None
-        if not path.is_file():
-            problem = ("image_not_found", f"file not found: {path}")
-        else:
-            try:
-                with Image.open(path) as opened:
-                    opened.verify()
-            except Exception as error:  # PIL signals corrupt files with many exception types
-                problem = ("image_corrupt", f"{path} cannot be decoded ({type(error).__name__}: {error})")
-        verified[path] = problem
+        verified[path] = _image_problem(path)
     if verified[path] is not None:
         kind, problem = verified[path]
         raise DataError(where, "image", problem, kind)
     return image
 
 
+def _image_problem(path: Path) -> tuple[str, str] | None:
+    """(kind, problem) when the file is missing, does not decode, or has a size the processor cannot use."""
+    if not path.is_file():
+        return "image_not_found", f"file not found: {path}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by size
+            with Image.open(path) as opened:
+                width, height = opened.size
+                opened.verify()
+    except Image.DecompressionBombError as error:
+        return "image_too_large", f"{path}: {error}"
+    except Exception as error:  # PIL signals corrupt files with many exception types
+        return "image_corrupt", f"{path} cannot be decoded ({type(error).__name__}: {error})"
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return "image_too_large", (f"{path} is {width}x{height}, more than {Image.MAX_IMAGE_PIXELS} pixels "
+                                   f"(PIL.Image.MAX_IMAGE_PIXELS: a decompression bomb?)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return "image_unusable", (f"{path} is {width}x{height}: an aspect ratio above {MAX_ASPECT_RATIO}, which the "
+                                  f"processor cannot resize")
+    return None
+
+
 def normalise_record(record, where: str, images_root: Path, *, require_answer: bool, default_id: str,
-                     verified: dict) -> dict:
+                     verified: dict, reward_config: "rewards.RewardConfig | None" = None) -> dict:
     """A validated copy of one raw record (see the module docstring); raises DataError."""
     if not isinstance(record, dict):
         raise DataError(where, "record", f"expected a JSON object, got {type(record).__name__}", "not_an_object")
@@ -256,7 +281,9 @@ def normalise_record(record, where: str, images_root: Path, *, require_answer: b
     if "meta" in record and record["meta"] is not None and not isinstance(record["meta"], dict):
         raise DataError(where, "meta", f"expected a JSON object, got {type(record['meta']).__name__}", "wrong_type")
     try:
-        out["verifier_type"] = rewards.resolve_type(out)
+        out["verifier_type"] = rewards.check_sample(out, reward_config)
+    except rewards.SampleError as error:
+        raise DataError(where, error.field, error.problem, "bad_gt") from None
     except ValueError as error:
         raise DataError(where, "verifier_type", str(error), "unknown_type") from None
 
@@ -280,11 +307,13 @@ def default_images_root(path) -> Path:
     return folder / "images" if (folder / "images").is_dir() else folder
 
 
-def load_records(path, images_root=None, *, require_answer: bool = False, skip_bad: bool = False) -> RecordList:
+def load_records(path, images_root=None, *, require_answer: bool = False, skip_bad: bool = False,
+                 reward_config: "rewards.RewardConfig | None" = None) -> RecordList:
     """Read, validate and normalise every record of a JSON array or JSON-lines file (see the module docstring).
 
     require_answer: every record needs an SFT target ("answer", or "ds_answer" to build it from) with exactly
     one <answer> block. skip_bad: leave bad records out (counts in the result's `skipped`) instead of raising.
+    reward_config: the rewards the records will be scored with (their gt is checked against it).
     """
     path = Path(path)
     images_root = Path(images_root) if images_root is not None else default_images_root(path)
@@ -308,21 +337,59 @@ def load_records(path, images_root=None, *, require_answer: bool = False, skip_b
     records, verified = RecordList(skipped=skipped), {}
     for number, (where, raw) in enumerate(items, start=1):
         try:
-            records.append(normalise_record(raw, where, images_root, require_answer=require_answer,
-                                            default_id=f"{path.stem}:{number}", verified=verified))
+            record = normalise_record(raw, where, images_root, require_answer=require_answer,
+                                      default_id=f"{path.stem}:{number}", verified=verified,
+                                      reward_config=reward_config)
+            if record["id"] in records.where:
+                raise DataError(f"{where} [id {record['id']}]", "id",
+                                f"duplicate of the record at {records.where[record['id']]}", "duplicate_id")
         except DataError as error:
             if not skip_bad or error.field == "json":
                 raise
             skipped[error.kind] += 1
             messages.append(str(error))
+            continue
+        records.append(record)
+        records.where[record["id"]] = where
+    _report_skipped(str(path), skipped, records, messages)
+    return records
+
+
+def _report_skipped(path: str, skipped: Counter, records: list, messages: list[str]) -> None:
+    """Print what skip_bad left out; no record left at all is an error."""
     if skipped:
         counts = ", ".join(f"{kind} {count}" for kind, count in sorted(skipped.items()))
         print(f"{path}: skipped {sum(skipped.values())} bad record(s) ({counts}); kept {len(records)}")
         for message in messages[:SKIP_REPORT_EXAMPLES]:
             print(f"  {message}")
     if not records:
-        raise DataError(str(path), "file", "no valid records", "file")
-    return records
+        raise DataError(path, "file", "no valid records", "file")
+
+
+def check_prompt_lengths(records: RecordList, path, processor, images_root, limit: int, flag: str, *,
+                         leave_room: bool, skip_bad: bool = False) -> RecordList:
+    """The records whose prompt (images included) fits `limit` tokens, with room for one answer token when
+    leave_room (SFT); a longer one raises DataError naming the flag, or is skipped and counted when skip_bad."""
+    kept, skipped, messages = RecordList(where=records.where), Counter(), []
+    for record in records:
+        sizes = []
+        if record.get("image"):
+            with Image.open(Path(images_root) / record["image"]) as image:  # reads the header, not the pixels
+                sizes.append(image.size)
+        length = processor.prompt_length(record["question"], sizes)
+        if length > limit - leave_room:
+            error = DataError(f"{records.where.get(record['id'], path)} [id {record['id']}]", "question",
+                              f"the prompt is {length} tokens (image included), more than {flag} {limit} allows"
+                              + (" with room for an answer" if leave_room else ""), "too_long")
+            if not skip_bad:
+                raise error
+            skipped[error.kind] += 1
+            messages.append(str(error))
+            continue
+        kept.append(record)
+    kept.skipped = records.skipped + skipped
+    _report_skipped(str(path), skipped, kept, messages)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------

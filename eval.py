@@ -53,6 +53,7 @@ class EvalConfig:
     out: str | None = field(default=None, metadata={"help": "directory for results.json and results.md "
                                                              "(default: <model>/eval-<split name>)"})
     show: int = field(default=0, metadata={"help": "print N responses next to their references"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
 
     def __post_init__(self):
         check_sizes(self, positive=("samples", "max_new_tokens", "batch_size"), non_negative=("limit", "temperature"))
@@ -157,13 +158,13 @@ def main(cfg: EvalConfig) -> dict:
     check_model_dir(cfg.model)
     device = resolve_device(cfg.device)
     precision = resolve_dtype(cfg.precision, device)
-    records = data.load_records(cfg.data, cfg.images)
+    reward_config = rewards.RewardConfig(require_think=cfg.require_think)
+    records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reward_config=reward_config)
     if cfg.limit:
         records = records[: cfg.limit]
     processor = Processor.from_pretrained(cfg.model)
     model = VLModel.from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else precision,
                                     device=device)
-    reward_config = rewards.RewardConfig(require_think=cfg.require_think)
     summary, rows = evaluate(model, processor, records, cfg.images, samples=cfg.samples, temperature=cfg.temperature,
                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                              reward_config=reward_config, seed=cfg.seed, precision=precision)

@@ -112,6 +112,14 @@ def _record_name(record: dict) -> str:
     return f"record {record.get('id', '<no id>')!r}"
 
 
+class SampleError(ValueError):
+    """A sample no response can be scored against: "record 'id': field 'gt' <problem>"."""
+
+    def __init__(self, sample: dict, field: str, problem: str):
+        super().__init__(f"{_record_name(sample)}: field '{field}' {problem}")
+        self.field, self.problem = field, problem
+
+
 def _normalise_name(name: str) -> str:
     return re.sub(r"[\s\-.]+", "_", name.strip().lower())
 
@@ -190,8 +198,8 @@ class RewardConfig:
             self.open_scorer = load_scorer(self.open_scorer)
         if not self.open_beta > 0:
             raise ValueError(f"RewardConfig.open_beta must be > 0, got {self.open_beta}")
-        if not self.math_timeout_s > 0:
-            raise ValueError(f"RewardConfig.math_timeout_s must be > 0, got {self.math_timeout_s}")
+        if not 0 < self.math_timeout_s < math.inf:
+            raise ValueError(f"RewardConfig.math_timeout_s must be > 0 and finite, got {self.math_timeout_s}")
         if self.iou_box_format not in ("normalized", "pixel"):
             raise ValueError(f"RewardConfig.iou_box_format must be 'normalized' or 'pixel', "
                              f"got {self.iou_box_format!r}")
@@ -255,8 +263,7 @@ def _numbers_in(text: str) -> set[Decimal]:
 def _digit_gt(sample: dict) -> Decimal:
     numbers = _numbers_in(str(sample["gt"]))
     if len(numbers) != 1:
-        raise ValueError(f"{_record_name(sample)}: field 'gt' = {sample['gt']!r} is not a single number "
-                         f"(digit type)")
+        raise SampleError(sample, "gt", f"= {sample['gt']!r} is not a single number (digit type)")
     return numbers.pop()
 
 
@@ -438,12 +445,22 @@ def _call_with_deadline(check: Callable[[], str], timeout_s: float) -> str:
     return _call_in_child_process(check, timeout_s)
 
 
+def _unparsable_math_gt(sample: dict, gt: str) -> SampleError:
+    return SampleError(sample, "gt", f"= {gt!r} is not parsable by math_verify (math type)")
+
+
+def _check_math_gt(sample: dict, gt: str, config: RewardConfig) -> None:
+    parses = _call_with_deadline(lambda: "ok" if _parse_math(gt) else "bad_gt", config.math_timeout_s)
+    if parses != "ok":
+        raise _unparsable_math_gt(sample, gt)
+
+
 def _math_reward(answer: str, gt: str, sample: dict, config: RewardConfig) -> tuple[float, str]:
     if len(answer) > _MATH_MAX_CHARS:
         return 0.0, "too_long"
     reason = _call_with_deadline(lambda: _math_check(answer, gt), config.math_timeout_s)
     if reason == "bad_gt":
-        raise ValueError(f"{_record_name(sample)}: field 'gt' = {gt!r} is not parsable by math_verify (math type)")
+        raise _unparsable_math_gt(sample, gt)
     return (1.0 if reason == "ok" else 0.0), reason
 
 
@@ -487,8 +504,8 @@ def _box_frame(sample: dict, config: RewardConfig) -> tuple[float, float]:
         return 1.0, 1.0
     size = meta.get("image_size")
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
-            isinstance(value, (int, float)) and value > 0 for value in size)):
-        raise ValueError(f"{_record_name(sample)}: pixel boxes need field 'meta.image_size' = [W, H], got {size!r}")
+            isinstance(value, (int, float)) and 0 < value < math.inf for value in size)):
+        raise SampleError(sample, "meta.image_size", f"must be [W, H] (positive, finite) for pixel boxes, got {size!r}")
     return float(size[0]), float(size[1])
 
 
@@ -499,7 +516,8 @@ def box_iou(box_a: list[float], box_b: list[float]) -> float:
     intersection = inter_w * inter_h
     area_a = (box_a[2] - box_a[0]) * (box_a[3] - box_a[1])
     area_b = (box_b[2] - box_b[0]) * (box_b[3] - box_b[1])
-    return intersection / (area_a + area_b - intersection)
+    union = area_a + area_b - intersection
+    return intersection / union if union > 0 else 0.0  # two degenerate boxes overlap in nothing
 
 
 def _iou_gt(sample: dict, config: RewardConfig) -> tuple[list[float], float, float]:
@@ -510,8 +528,8 @@ def _iou_gt(sample: dict, config: RewardConfig) -> tuple[list[float], float, flo
         gt = str(list(gt))
     gt_box, _ = _parse_box(str(gt))
     if gt_box is None or _check_box(gt_box, width, height) != "ok":
-        raise ValueError(f"{_record_name(sample)}: field 'gt' = {gt!r} is not one valid box [x1, y1, x2, y2] "
-                         f"inside {width:g} x {height:g} (iou type)")
+        raise SampleError(sample, "gt", f"= {gt!r} is not one valid box [x1, y1, x2, y2] (x1 < x2, y1 < y2) inside "
+                                        f"{width:g} x {height:g} (iou type)")
     return gt_box, width, height
 
 
@@ -570,7 +588,7 @@ def _scene_objects(sample: dict) -> list[dict]:
     objects = scene.get("objects") if isinstance(scene, dict) else None
     if not isinstance(objects, list) or not all(
             isinstance(item, dict) and {"shape", "color", "size"} <= item.keys() for item in objects):
-        raise ValueError(f"{_record_name(sample)}: field 'meta.scene' must be {{'objects': [{{'shape', 'color', "
+        raise SampleError(sample, "meta.scene", "must be {'objects': [{'shape', 'color', "
                          f"'size', ...}}, ...]}} for ToySceneScorer")
     return objects
 
@@ -632,18 +650,39 @@ def _open_reward(answer: str, sample: dict, config: RewardConfig,
 def _checked_gt(sample: dict, reward_type: str, config: RewardConfig):
     """The sample's gt, parsed for its type; raises ValueError on a bad sample whatever the response."""
     if sample.get("gt") is None:
-        raise ValueError(f"{_record_name(sample)}: field 'gt' is missing")
+        raise SampleError(sample, "gt", "is missing")
     if reward_type == "digit":
         return _digit_gt(sample)
     if reward_type == "iou":
         return _iou_gt(sample, config)
     gt = str(sample["gt"]).strip()
     if reward_type in ("mcq", "math") and not gt:
-        raise ValueError(f"{_record_name(sample)}: field 'gt' is empty ({reward_type} type)")
+        raise SampleError(sample, "gt", f"is empty ({reward_type} type)")
     return gt
 
 
+def _require_dict(sample) -> None:
+    if not isinstance(sample, dict):
+        raise ValueError(f"a sample must be a dict (a JSON object), got {type(sample).__name__}: {sample!r:.80}")
+
+
+def check_sample(sample, config: RewardConfig | None = None) -> str:
+    """The sample's reward type, once every check that does not need a response has passed: the gt parses for its
+    type (a number, a box in its frame, a math expression, a toy scene); raises SampleError (a ValueError) naming
+    the field. Loaders call it, so that a sample no response could be scored against fails before training."""
+    _require_dict(sample)
+    config = config or RewardConfig()
+    reward_type = resolve_type(sample)
+    gt = _checked_gt(sample, reward_type, config)
+    if reward_type == "math":
+        _check_math_gt(sample, gt, config)
+    if reward_type == "open" and config.open_scorer is None and "scene" in _meta(sample):
+        _scene_objects(sample)
+    return reward_type
+
+
 def _reward(response: str, sample: dict, config: RewardConfig, reference_scores: dict[int, float]) -> dict:
+    _require_dict(sample)
     reward_type = resolve_type(sample)
     gt = _checked_gt(sample, reward_type, config)
     answer, reason = extract_answer(response, config.require_think)

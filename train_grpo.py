@@ -189,21 +189,24 @@ def main(cfg: GRPOConfig) -> dict:
     device = resolve_device(cfg.device)
     precision = resolve_dtype(cfg.precision, device)
 
-    # --- data: validated (fields, types, images) before anything runs
-    records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad)
-    eval_records = data.load_records(cfg.eval_data, cfg.images, skip_bad=cfg.skip_bad) if cfg.eval_data else []
+    # --- data: validated (fields, types, gt for its reward, images, prompt lengths) before anything runs
+    rewards_cfg = reward_config(cfg)
+    processor = Processor.from_pretrained(cfg.model)
+    records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reward_config=rewards_cfg)
+    records = data.check_prompt_lengths(records, cfg.data, processor, cfg.images, cfg.max_prompt_length,
+                                        "--max-prompt-length", leave_room=False, skip_bad=cfg.skip_bad)
+    eval_records = data.load_records(cfg.eval_data, cfg.images, skip_bad=cfg.skip_bad,
+                                     reward_config=rewards_cfg) if cfg.eval_data else []
     if cfg.eval_size > len(eval_records) > 0:
         raise ConfigError(f"--eval-size {cfg.eval_size} is more than the {len(eval_records)} records of "
                           f"{cfg.eval_data}")
     eval_records = eval_records[: cfg.eval_size] if cfg.eval_size else eval_records
-    rewards_cfg = reward_config(cfg)
     updates_per_step = cfg.mu * cfg.prompts_per_step * cfg.group_size // cfg.train_batch_size
     total_updates = cfg.steps * updates_per_step
     print(f"{len(records)} RL prompts, {len(eval_records)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
           f"prompts x G={cfg.group_size}; {updates_per_step} update(s) per step")
 
     # --- models: the policy (fp32 master weights) and, when beta can be > 0, a frozen reference
-    processor = Processor.from_pretrained(cfg.model)
     policy = VLModel.from_pretrained(cfg.model, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.freeze_vision:

@@ -120,9 +120,16 @@ def main(cfg: SFTConfig) -> str:
     device, precision = resolve_device(cfg.device), resolve_dtype(cfg.precision, resolve_device(cfg.device))
 
     # --- data: everything is validated before the first step
-    records = data.load_records(cfg.data, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)
+    processor = Processor.from_pretrained(cfg.model)
+
+    def load(path: str) -> list[dict]:
+        records = data.load_records(path, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)
+        return data.check_prompt_lengths(records, path, processor, cfg.images, cfg.max_length, "--max-length",
+                                         leave_room=True, skip_bad=cfg.skip_bad)
+
+    records = load(cfg.data)
     if cfg.eval_data:
-        eval_records = data.load_records(cfg.eval_data, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)
+        eval_records = load(cfg.eval_data)
     else:
         if not 0 < cfg.eval_size <= len(records) // 2:
             raise ConfigError(f"--eval-size {cfg.eval_size}: hold out 1 to {len(records) // 2} (half) of the "
@@ -135,7 +142,6 @@ def main(cfg: SFTConfig) -> str:
           f"({accumulation} x {cfg.micro_batch_size})")
 
     # --- model, optimizer, schedule
-    processor = Processor.from_pretrained(cfg.model)
     model = VLModel.from_pretrained(cfg.model, dtype=torch.float32, device=device)  # fp32 master weights
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.freeze_vision:

@@ -132,6 +132,7 @@ def corrupt_images(root):
     (root / "clevr_math" / "garbage.png").write_bytes(b"this is not an image")
     whole = (root / "clevr_math" / "a.png").read_bytes()
     (root / "clevr_math" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    Image.new("RGB", (1000, 4)).save(root / "clevr_math" / "wide.png")
 
 
 BAD_RECORDS = {  # name: (record, field, kind)
@@ -152,6 +153,16 @@ BAD_RECORDS = {  # name: (record, field, kind)
     "missing answer": (record(answer=...), "answer", "missing_field"),
     "answer without block": (record(answer="<think>x</think> 2"), "answer", "bad_answer"),
     "two answer blocks": (record(answer="<answer>1</answer><answer>2</answer>"), "answer", "bad_answer"),
+    "image too wide": (record(image="clevr_math/wide.png"), "image", "image_unusable"),
+    "gt NaN": (record(gt=math.nan), "gt", "wrong_type"),
+    # a ground truth the reward cannot score for its type
+    "digit gt not a number": (record(gt="many"), "gt", "bad_gt"),
+    "inverted box": (record(verifier_type="iou", gt="[0.5, 0.5, 0.2, 0.9]"), "gt", "bad_gt"),
+    "pixel box without image size": (record(verifier_type="iou", gt="[1, 1, 9, 9]", meta={"box_format": "pixel"}),
+                                     "meta.image_size", "bad_gt"),
+    "math gt unparsable": (record(verifier_type="math", gt="$$$"), "gt", "bad_gt"),
+    "malformed toy scene": (record(verifier_type="open", gt="2 circles", meta={"scene": {"objects": [{}]}}),
+                            "meta.scene", "bad_gt"),
 }
 
 
@@ -208,6 +219,20 @@ def test_missing_file_and_root(tmp_path, images):
         data.load_records(str(tmp_path / "nope.json"), images)
     with pytest.raises(data.DataError, match="images_root"):
         data.load_records(write_jsonl(tmp_path / "x.jsonl", [record()]), tmp_path / "no_such_folder")
+
+
+def test_a_decompression_bomb_is_refused_by_its_pixel_count(tmp_path, images, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 56 * 56 - 1)  # a.png is 56 x 56
+    with pytest.raises(data.DataError, match=r"x\.jsonl:1 \[id r\]: image: .*more than 3135 pixels") as caught:
+        data.load_records(write_jsonl(tmp_path / "x.jsonl", [record()]), images)
+    assert caught.value.kind == "image_too_large"
+
+
+def test_duplicate_ids_are_refused_or_skipped(tmp_path, images, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [record(id="a"), record(id="b"), record(id="a")])
+    with pytest.raises(data.DataError, match=r"d\.jsonl:3 \[id a\]: id: duplicate of the record at .*d\.jsonl:1"):
+        data.load_records(path, images)
+    assert [r["id"] for r in data.load_records(path, images, skip_bad=True)] == ["a", "b"]
 
 
 # --- skip_bad -------------------------------------------------------------------------------------------------
@@ -311,6 +336,21 @@ def test_sampler_bad_arguments():
 def processor():
     texts = [GOOD_ANSWER, "How many red shapes?", SYSTEM_PROMPT] * 3
     return Processor(build_tokenizer(texts, vocab_size=400))
+
+
+def test_prompts_longer_than_the_limit_fail_at_load_or_are_skipped(tmp_path, images, processor, capsys):
+    long_question = "How many red shapes? " * 40
+    path = write_jsonl(tmp_path / "long.jsonl", [record(id="short"), record(id="long", question=long_question)])
+    records = data.load_records(path, images)
+    limit = processor.prompt_length(records[0]["question"], [(56, 56)]) + 1
+    assert len(processor.encode_prompt(records[0]["question"], [Image.new("RGB", (56, 56))]).input_ids) == limit - 1
+    with pytest.raises(data.DataError, match=r"long\.jsonl:2 \[id long\]: question: the prompt is \d+ tokens "
+                                             r"\(image included\), more than --max-length"):
+        data.check_prompt_lengths(records, path, processor, images, limit, "--max-length", leave_room=True)
+    kept = data.check_prompt_lengths(records, path, processor, images, limit, "--max-length", leave_room=True,
+                                     skip_bad=True)
+    assert [r["id"] for r in kept] == ["short"] and kept.skipped == {"too_long": 1}
+    assert "skipped 1 bad record(s) (too_long 1)" in capsys.readouterr().out
 
 
 def test_collate_prompts_shapes(tmp_path, images, processor):

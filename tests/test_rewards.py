@@ -590,3 +590,15 @@ def test_config_box_format_applies_when_the_sample_has_none():
     assert compute_reward(wrap("[40, 20, 120, 60]"), sample, config=pixel)["reward"] == 1.0
     with pytest.raises(ValueError, match="px"):
         compute_reward(wrap("[40, 20, 120, 60]"), sample)  # normalised by default: gt out of range
+
+
+def test_bad_samples_and_settings_give_a_clear_error_not_a_crash():
+    assert rewards.box_iou([0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]) == 0.0  # two degenerate boxes
+    with pytest.raises(ValueError, match="a sample must be a dict"):
+        rewards.compute_reward("<answer>1</answer>", ["not", "a", "dict"])
+    with pytest.raises(ValueError, match="math_timeout_s must be > 0 and finite"):
+        rewards.RewardConfig(math_timeout_s=float("inf"))
+    sample = {"id": "x", "verifier_type": "iou", "gt": "[1, 1, 9, 9]",
+              "meta": {"box_format": "pixel", "image_size": [float("inf"), 10]}}
+    with pytest.raises(rewards.SampleError, match="record 'x': field 'meta.image_size'"):
+        rewards.check_sample(sample)

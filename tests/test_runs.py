@@ -15,6 +15,7 @@ import torch
 import train_grpo
 import train_sft
 from vlaa_min.cli import UserError
+from vlaa_min.metrics import plot_curves
 from vlaa_min.model import VLModel
 from vlaa_min.toy_model import build_toy_checkpoint
 from vlaa_min.train_state import save_model
@@ -165,3 +166,9 @@ def test_flags_that_cannot_work_get_one_line_naming_the_flag(script, flags, mess
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert plot_curves({"run": str(tmp_path / "metrics.jsonl")}, ["reward"], str(tmp_path / "c.png")) is None
+    assert "matplotlib is not installed" in capsys.readouterr().out

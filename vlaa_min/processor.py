@@ -297,6 +297,14 @@ class Processor:
 
     # --- one sample -------------------------------------------------------------------------
 
+    def prompt_length(self, question: str, image_sizes: list[tuple[int, int]]) -> int:
+        """len(encode_prompt(question, images).input_ids) for images of these (width, height), without their pixels."""
+        ip = self.image_processor
+        factor = ip.patch_size * ip.merge_size
+        resized = [smart_resize(height, width, factor, ip.min_pixels, ip.max_pixels) for width, height in image_sizes]
+        text_ids = self.tokenizer.encode(self.prompt_text(question, len(image_sizes)), add_special_tokens=False)
+        return len(text_ids) - len(image_sizes) + sum(h * w // factor**2 for h, w in resized)
+
     def encode_prompt(
         self, question: str, images: list[Image.Image], max_length: int | None = None
     ) -> EncodedPrompt:
