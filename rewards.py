@@ -11,7 +11,7 @@ Rules (one line each; "[ours]" marks a choice the paper does not state):
   <think>...</think> must also come before the answer block. Text outside the blocks is ignored.
 - digit: the answer must hold numbers of a single value, equal to gt exactly (Decimal arithmetic, so "3", "3.0",
   "03", " 3 " all pass and a 100,000-digit number costs about a millisecond); different numbers give 0
-  ("ambiguous") [ours].
+  ("ambiguous") [ours], and so does arithmetic ("3*3", "6/2", "3 x 3": not a number, even if it holds gt).
   Any Unicode decimal digit counts (fullwidth "３", Arabic-Indic "٣") [ours]; "1,000" is one thousand [ours];
   number words zero..twenty count only when the answer has no digits at all [ours]; no scientific notation.
 - mcq: the answer must name exactly one option letter A-H: "B", "B)", "(b)", "B. text", "option B", "The answer is B",
@@ -244,6 +244,7 @@ _NUMBER_WORDS = {word: index for index, word in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_EXPRESSION = re.compile(r"\d\s*(?:[*/^=\u00d7\u00f7]|x\s*\d)")  # "3*3", "6/2", "3 x 3": arithmetic, not a number
 
 
 def _to_decimal(number: str) -> Decimal:
@@ -268,6 +269,8 @@ def _digit_gt(sample: dict) -> Decimal:
 
 
 def _digit_reward(answer: str, expected: Decimal) -> tuple[float, str]:
+    if _EXPRESSION.search(answer):
+        return 0.0, "ambiguous"
     numbers = _numbers_in(answer)
     if not numbers:
         return 0.0, "unparsable"

@@ -592,6 +592,12 @@ def test_config_box_format_applies_when_the_sample_has_none():
         compute_reward(wrap("[40, 20, 120, 60]"), sample)  # normalised by default: gt out of range
 
 
+def test_a_digit_answer_is_a_number_not_arithmetic_that_holds_it():
+    for answer in ("3*3", "6/2", "3 x 3", "1 = 3"):
+        assert compute_reward(f"<answer>{answer}</answer>", {"verifier_type": "digit", "gt": "3"})["reward"] == 0.0
+    assert compute_reward("<answer>3 shapes</answer>", {"verifier_type": "digit", "gt": "3"})["reward"] == 1.0
+
+
 def test_bad_samples_and_settings_give_a_clear_error_not_a_crash():
     assert rewards.box_iou([0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]) == 0.0  # two degenerate boxes
     with pytest.raises(ValueError, match="a sample must be a dict"):
