@@ -18,9 +18,10 @@ IMAGES ?=
 TRACES ?= clean
 ARGS   ?=
 
-# The toy "instruct" base: a fixed budget, the same for every experiment (README: what it reaches).
-BASE_ARGS ?= --steps 1200 --batch-size 16 --micro-batch-size 16 --lr 1e-3 --warmup-ratio 0.05 --freeze-vision false \
-             --eval-every 200
+# The toy "instruct" base: a fixed budget, the same for every experiment (README: what it reaches). An interrupted
+# base resumes from its last checkpoint.
+BASE_ARGS ?= --steps 1500 --batch-size 16 --micro-batch-size 16 --lr 1e-3 --warmup-ratio 0.05 --freeze-vision false \
+             --eval-every 250 --save-every 250 --resume true
 # SFT on the toy reasoning traces, from the base.
 SFT_ARGS  ?= --steps 150 --batch-size 32 --micro-batch-size 16 --lr 1e-3 --freeze-vision false --eval-every 50
 # The paper's GRPO configuration (OpenRLHF defaults where the paper is silent) for real checkpoints on one GPU.
@@ -76,9 +77,11 @@ sft: $(RUNS)/base/model/config.json
 	$(PY) train_sft.py --model $(RUNS)/base/model --data $(SFT_DATA) --images $(TOY)/images \
 	  --out $(RUNS)/sft-$(TRACES) $(SFT_ARGS) $(ARGS)
 
+# GRPO from the toy base (a new run each time), then the control: the base with as much more SFT on its own data.
 grpo: $(RUNS)/base/model/config.json
 	$(PY) train_grpo.py --model $(RUNS)/base/model --data $(TOY)/rl.json --images $(TOY)/images \
-	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo $(ARGS)
+	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo --overwrite true $(ARGS)
+	$(PY) control.py --base $(RUNS)/base --grpo $(RUNS)/grpo --out $(RUNS)/grpo-control
 endif
 
 # Evaluate a checkpoint (default: the last GRPO run) on the toy test split, or on DATA/IMAGES.

@@ -36,6 +36,7 @@ Resume with the same command plus --resume true (--overwrite true starts it agai
 
 import copy
 import dataclasses
+import json
 import os
 import time
 from collections import defaultdict
@@ -79,10 +80,10 @@ class GRPOConfig:
     data: str = field(default="toy/rl.json", metadata={"help": "RL records (VLAA-Thinking GRPO JSON or JSONL)"})
     images: str = field(default="toy/images", metadata={"help": "images root of the records"})
     eval_data: str | None = field(default="toy/test.json", metadata={"help": "held-out split (none = no eval)"})
-    eval_size: int = field(default=250, metadata={"help": "held-out records evaluated (0 = all)"})
+    eval_size: int = field(default=500, metadata={"help": "held-out records evaluated (0 = all)"})
     out: str = field(default="runs/grpo", metadata={"help": "run directory"})
     # rollout
-    steps: int = field(default=60, metadata={"help": "rollout steps (paper: 49 = one epoch of 25,195 prompts)"})
+    steps: int = field(default=80, metadata={"help": "rollout steps (paper: 49 = one epoch of 25,195 prompts)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout (paper: 512)"})
     group_size: int = field(default=8, metadata={"help": "G, samples per prompt (paper: 4)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature; log-probs use it too"})
@@ -90,8 +91,9 @@ class GRPOConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "completion budget (paper: 1024)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are an error"})
     # optimisation
-    train_batch_size: int = field(default=128, metadata={"help": "samples per optimizer update (paper: 256)"})
-    micro_batch_size: int = field(default=32, metadata={"help": "samples per forward/backward"})
+    train_batch_size: int = field(default=16, metadata={"help": "samples per optimizer update (paper: 256, i.e. 8 "
+                                                                  "updates per rollout of 512 x 4; here 128 / 16)"})
+    micro_batch_size: int = field(default=16, metadata={"help": "samples per forward/backward"})
     mu: int = field(default=1, metadata={"help": "passes over each rollout buffer (PPO epochs)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper-scale models: 5e-6)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of updates with linear warmup (paper: 3%)"})
@@ -382,6 +384,8 @@ def main(cfg: GRPOConfig) -> dict:
         table = evaluation.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
         with open(os.path.join(cfg.out, "eval.md"), "w") as f:
             f.write(table + "\n")
+        with open(os.path.join(cfg.out, "eval.json"), "w") as f:  # the summaries, for control.py and experiment.py
+            json.dump(history, f, indent=1)
         print("held-out accuracy (%), greedy:\n" + table)
     save(cfg.steps)
     final_dir = os.path.join(cfg.out, "model")

@@ -1,12 +1,10 @@
-"""The toy world: answers re-derived from the drawn pixels, rewards of the reference answers, the pseudo traces,
-disjoint splits, determinism and build time."""
+"""The toy world: answers re-derived from the drawn pixels, rewards of the reference answers, the flawed teacher,
+the pseudo traces, disjoint splits and determinism."""
 
 import functools
 import json
 import math
 import re
-import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +22,9 @@ FILES = ("base.json", "sft.json", "sft_pseudo.json", "rl.json", "test.json")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    started = time.perf_counter()
     manifest = toyworld.build_world(str(out), SMALL_SIZES, seed=3)
-    seconds = time.perf_counter() - started
     files = {name: json.loads((out / name).read_text()) for name in FILES}
-    return {"out": out, "manifest": manifest, "files": files, "seconds": seconds}
+    return {"out": out, "manifest": manifest, "files": files}
 
 
 def all_records(world):
@@ -66,25 +62,26 @@ def components(pixels: set[tuple[int, int]]) -> list[list[tuple[int, int]]]:
 
 @functools.cache
 def read_scene(path: Path) -> list[dict]:
-    """Objects (shape, color, size, box, row, col) found in the image's pixels alone."""
+    """Objects (shape, color, box, row, col) found in the image's pixels alone; also checks every cell's floor."""
     image = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
     height, width, _ = image.shape
+    floors = {(g, g, g) for g in (toyworld.floor_grey(r, c) for r in range(toyworld.GRID) for c in range(toyworld.GRID))}
     packed = np.unique((image.astype(np.int64) * [1 << 16, 1 << 8, 1]).sum(-1))  # one int per distinct colour
     colours = {(int(v) >> 16, int(v) >> 8 & 255, int(v) & 255) for v in packed}
-    assert colours <= {(255, 255, 255), *RGB_TO_COLOR}, f"{path}: unexpected colours {colours}"
+    assert colours <= floors | set(RGB_TO_COLOR), f"{path}: unexpected colours {colours - floors}"
+    for row in range(toyworld.GRID):  # a cell's corner pixel is never covered by its shape
+        for col in range(toyworld.GRID):
+            grey = toyworld.floor_grey(row, col)
+            assert tuple(image[row * toyworld.CELL, col * toyworld.CELL]) == (grey, grey, grey), (path, row, col)
     objects = []
     for rgb, color in RGB_TO_COLOR.items():
         ys, xs = np.nonzero(np.all(image == np.array(rgb), axis=-1))
         for part in components(set(zip(ys.tolist(), xs.tolist()))):
             py, px = zip(*part)
             x1, y1, x2, y2 = min(px), min(py), max(px) + 1, max(py) + 1
-            box_w, box_h = x2 - x1, y2 - y1
-            ratio = len(part) / (box_w * box_h)
+            ratio = len(part) / ((x2 - x1) * (y2 - y1))
             objects.append({
-                "color": color,
-                "shape": min(FILL_RATIO, key=lambda s: abs(FILL_RATIO[s] - ratio)),
-                # The two sizes are 12 and 22 px wide: split halfway.
-                "size": "small" if box_w < (toyworld.SIZES["small"] + toyworld.SIZES["large"]) / 2 else "large",
+                "color": color, "shape": min(FILL_RATIO, key=lambda s: abs(FILL_RATIO[s] - ratio)),
                 "box": [x1 / width, y1 / height, x2 / width, y2 / height],
                 "row": (y1 + y2) // 2 // toyworld.CELL, "col": (x1 + x2) // 2 // toyworld.CELL,
             })
@@ -92,9 +89,9 @@ def read_scene(path: Path) -> list[dict]:
 
 
 def find_one(description: str, objects: list[dict]) -> dict:
-    """The single object matching every word of a description like "small red circle"."""
+    """The single object matching every word of a description like "red circle"."""
     words = description.split()
-    matches = [o for o in objects if all(w in (o["shape"], o["color"], o["size"]) for w in words)]
+    matches = [o for o in objects if all(w in (o["shape"], o["color"]) for w in words)]
     assert len(matches) == 1, f"{description!r} should name exactly one object, names {len(matches)}"
     return matches[0]
 
@@ -103,45 +100,17 @@ def count(objects, **attributes) -> int:
     return sum(all(o[k] == v for k, v in attributes.items()) for o in objects)
 
 
-def as_fraction(latex: str) -> Fraction:
-    match = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", latex)
-    return Fraction(int(match[1]), int(match[2])) if match else Fraction(int(latex))
-
-
 def answer_from_pixels(record: dict, objects: list[dict]) -> str:
     """Answer the record's question from the pixel-derived objects, by the question's wording alone."""
     question = record["question"]
     lines = question.split("\n")
-    options = {line[0]: line[3:] for line in lines[1:]}
-    letter_of = {text: letter for letter, text in options.items()}
-    if m := re.fullmatch(r"How many (.+)s are there\?", question):
-        words = m[1].split()
-        attributes = {}
-        for w in words:
-            key = "shape" if w in toyworld.SHAPES else "color" if w in toyworld.COLORS else \
-                "size" if w in toyworld.SIZES else None
-            if key:
-                attributes[key] = w
-        return str(count(objects, **attributes))
-    if m := re.fullmatch(r"What color is the (.+)\?", lines[0]):
-        return letter_of[find_one(m[1], objects)["color"]]
-    if m := re.fullmatch(r"Where is the (.+) in the image\?", lines[0]):
-        obj = find_one(m[1], objects)
-        vertical, horizontal = ("top" if obj["row"] < 2 else "bottom"), ("left" if obj["col"] < 2 else "right")
-        return letter_of[f"{vertical} {horizontal}"]
-    if m := re.fullmatch(r"Where is the (.+) relative to the (.+)\?", lines[0]):
-        a, b = find_one(m[1], objects), find_one(m[2], objects)
-        assert a["row"] == b["row"] or a["col"] == b["col"], "relation questions use a shared row or column"
-        if a["row"] == b["row"]:
-            return letter_of["to the left" if a["col"] < b["col"] else "to the right"]
-        return letter_of["above" if a["row"] < b["row"] else "below"]
-    if m := re.fullmatch(r"What fraction of the shapes are (\w+)\?", question):
-        word = m[1]
-        part = count(objects, color=word) if word in toyworld.COLORS else count(objects, shape=word[:-1])
-        return str(Fraction(part, len(objects)))
-    if m := re.fullmatch(r"What is the number of (\w+) shapes (plus|minus) the number of (\w+) shapes\?", question):
-        a, b = count(objects, color=m[1]), count(objects, color=m[3])
-        return str(a + b if m[2] == "plus" else a - b)
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(count(objects, color=m[1]))
+    if m := re.fullmatch(r"What color is the (\w+)\?", lines[0]):
+        assert lines[1:] == ["A. red", "B. green", "C. blue", "D. yellow"], lines
+        return {line[3:]: line[0] for line in lines[1:]}[find_one(m[1], objects)["color"]]
+    if m := re.fullmatch(r"What is the number of (\w+) shapes plus the number of (\w+) shapes\?", question):
+        return str(count(objects, color=m[1]) + count(objects, color=m[2]))
     if m := re.fullmatch(r"Give the bounding box of the (.+)\.", question):
         return str(find_one(m[1], objects)["box"])
     assert question == "Describe the image.", f"unknown question {question!r}"
@@ -154,9 +123,7 @@ def test_answers_follow_from_the_pixels(world):
         objects = read_scene(image_dir / record["image"])
         expected = answer_from_pixels(record, objects)
         kind, gt = record["verifier_type"], record["gt"]
-        if kind == "math":
-            assert str(as_fraction(gt)) == expected, record["id"]
-        elif kind == "iou":
+        if kind == "iou":
             box = [float(v) for v in gt.strip("[]").split(",")]
             # gt is rounded to 2 decimals: each side within half a hundredth of the pixel box.
             assert np.allclose(box, json.loads(expected), atol=0.005 + 1e-9), (record["id"], gt, expected)
@@ -175,23 +142,19 @@ def test_scene_graph_matches_the_pixels(world):
         assert 1 <= len(scene["objects"]) <= 5
         key = lambda o: (o["box"][1], o["box"][0])  # reading order
         for stated, seen in zip(sorted(scene["objects"], key=key), sorted(drawn, key=key), strict=True):
-            assert (stated["shape"], stated["color"], stated["size"]) == (seen["shape"], seen["color"], seen["size"])
+            assert (stated["shape"], stated["color"]) == (seen["shape"], seen["color"])
             assert np.allclose(stated["box"], seen["box"], atol=0.005 + 1e-9)
         cells = {(o["row"], o["col"]) for o in drawn}
         assert len(cells) == len(drawn), "one object per cell"
 
 
-def test_types_are_balanced_and_fields_complete(world):
+def test_types_follow_the_weighted_cycle_and_fields_are_complete(world):
+    assert set(toyworld.TYPE_CYCLE) == set(toyworld.TYPES)
     for name, records in world["files"].items():
-        counts = {t: sum(r["verifier_type"] == t for r in records) for t in toyworld.TYPES}
-        assert max(counts.values()) - min(counts.values()) <= 1, (name, counts)
+        assert [r["verifier_type"] for r in records] == [toyworld.TYPE_CYCLE[i % 20] for i in range(len(records))]
         for r in records:
             assert {"id", "image", "question", "gt", "verifier_type", "answer", "meta"} <= set(r)
             assert re.fullmatch(r"<think>.+</think> <answer>.+</answer>", r["answer"], re.S), r["answer"]
-    mcq = [r for r in world["files"]["rl.json"] if r["verifier_type"] == "mcq"]
-    for r in mcq:
-        assert [line[:3] for line in r["question"].split("\n")[1:]] == ["A. ", "B. ", "C. ", "D. "]
-        assert r["gt"] in "ABCD"
 
 
 def test_targets_per_file(world):
@@ -206,20 +169,36 @@ def test_targets_per_file(world):
 # --- rewards of the reference answers -------------------------------------------------------------------------
 
 
-def test_reference_answers_earn_full_reward(world):
+def test_reference_answers_earn_full_reward_and_the_teacher_errs_where_it_says(world):
     for record in all_records(world):
-        kind = record["verifier_type"]
+        kind, wrong = record["verifier_type"], record["meta"]["teacher_wrong"]
         clean = rewards.compute_reward(clean_answer(record), record)
         direct = rewards.compute_reward(record["meta"]["direct_answer"], record)
         if kind == "open":
-            assert clean["reward"] > 0.9, (record["id"], clean)
+            assert clean["reward"] > 0.6 and clean["correct"], (record["id"], clean)
             minimal = rewards.compute_reward(f"<think>.</think> <answer>{record['gt']}</answer>", record)
             assert minimal["reward"] == 0.0, (record["id"], minimal)  # S(gt) is not above S(gt)
-            assert 0 < direct["reward"] < clean["reward"], (record["id"], direct, clean)
         elif kind == "iou":
-            assert clean["reward"] >= 0.9 and direct["reward"] >= 0.9, (record["id"], clean, direct)
+            assert clean["reward"] >= 0.9, (record["id"], clean)
         else:
-            assert clean["reward"] == 1.0 and direct["reward"] == 1.0, (record["id"], clean, direct)
+            assert clean["reward"] == 1.0, (record["id"], clean)
+        assert direct["correct"] != wrong, (record["id"], direct, wrong)
+        assert not (wrong and kind in ("mcq", "iou")), "mcq and iou answers do not depend on counts"
+
+
+def test_the_teacher_over_counts_by_its_rate(tmp_path):
+    """Where the teacher errs, it says one more shape for every colour present: its answer is above the truth."""
+    n, rate = 600, 0.6
+    records = toyworld.generate_split(n, seed=12, image_dir=str(tmp_path), prefix="t", teacher_error_rate=rate)
+    counted = [r for r in records if r["verifier_type"] in ("digit", "math")]
+    for record in counted:
+        said = int(re.search(r"<answer>(-?\d+)</answer>", record["meta"]["direct_answer"])[1])
+        assert (said > int(record["gt"])) == record["meta"]["teacher_wrong"], record
+    # A zero count cannot be over-counted, so the share of wrong answers is below the rate: at most the rate.
+    share = sum(r["meta"]["teacher_wrong"] for r in counted) / len(counted)
+    assert 0.3 < share <= rate + 4 * math.sqrt(rate * (1 - rate) / len(counted)), share
+    right = toyworld.generate_split(40, seed=12, image_dir=str(tmp_path), prefix="u", teacher_error_rate=0.0)
+    assert not any(r["meta"]["teacher_wrong"] for r in right)
 
 
 def test_pseudo_flips_are_wrong_and_the_rest_right(world):
@@ -263,6 +242,8 @@ def test_flip_rate_is_respected(tmp_path, rate):
 def test_bad_flip_rate_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pseudo_flip_rate"):
         toyworld.generate_split(1, seed=0, image_dir=str(tmp_path), prefix="x", pseudo_flip_rate=1.5)
+    with pytest.raises(ValueError, match="teacher_error_rate"):
+        toyworld.generate_split(1, seed=0, image_dir=str(tmp_path), prefix="x", teacher_error_rate=-0.1)
 
 
 # --- splits, determinism, speed -------------------------------------------------------------------------------
@@ -316,10 +297,13 @@ def test_manifest(world):
     assert manifest["version"] == toyworld.VERSION
 
 
-def test_default_world_builds_in_under_a_minute(world):
-    per_record = world["seconds"] / sum(SMALL_SIZES.values())
-    estimate = per_record * sum(toyworld.DEFAULT_SIZES.values())
-    assert estimate < 60, f"default world would take ~{estimate:.0f} s"
+def test_teacher_rate_changes_only_the_direct_answers(tmp_path):
+    right = toyworld.generate_split(100, seed=4, image_dir=str(tmp_path / "a"), prefix="x", teacher_error_rate=0.0)
+    flawed = toyworld.generate_split(100, seed=4, image_dir=str(tmp_path / "b"), prefix="x", teacher_error_rate=1.0)
+    for a, b in zip(right, flawed, strict=True):
+        assert (a["question"], a["gt"], a["answer"], a["meta"]["scene"], a["meta"]["pseudo_answer"]) == \
+               (b["question"], b["gt"], b["answer"], b["meta"]["scene"], b["meta"]["pseudo_answer"])
+    assert sum(b["meta"]["teacher_wrong"] for b in flawed) > 50
 
 
 def test_flip_rate_changes_only_the_pseudo_traces(tmp_path):
