@@ -9,7 +9,7 @@ Runs, all from the same toy "instruct" base (`make base`) and with the same GRPO
     sft-pseudo+grpo       GRPO after pseudo SFT                  (the paper: SFT then GRPO ends lower)
 and writes <out>/results.md (held-out accuracy per reward type, response length, aha words per response) and
 <out>/curves.png (reward and response length of the three GRPO runs: the paper's Fig. 6 in miniature).
-Finished runs are reused, so an interrupted experiment continues where it stopped.
+Finished runs are reused, and an interrupted one resumes from its last checkpoint.
 
     make experiment            # = python experiment.py --base runs/base/model --out runs/experiment
 """
@@ -32,9 +32,9 @@ class ExperimentConfig:
     out: str = field(default="runs/experiment", metadata={"help": "where every run and the report go"})
     sft_steps: int = field(default=150, metadata={"help": "SFT optimizer steps (both trace styles)"})
     sft_lr: float = field(default=1e-3, metadata={"help": "SFT peak learning rate"})
-    grpo_steps: int = field(default=100, metadata={"help": "GRPO rollout steps (the same for every GRPO run)"})
+    grpo_steps: int = field(default=80, metadata={"help": "GRPO rollout steps (the same for every GRPO run)"})
     grpo_max_new_tokens: int = field(default=256, metadata={"help": "completion budget: traces are long after SFT"})
-    eval_size: int = field(default=250, metadata={"help": "held-out records evaluated"})
+    eval_size: int = field(default=500, metadata={"help": "held-out records evaluated"})
 
 
 def run_sft(cfg: ExperimentConfig, name: str, data_file: str) -> str:
@@ -43,7 +43,7 @@ def run_sft(cfg: ExperimentConfig, name: str, data_file: str) -> str:
         train_sft.main(train_sft.SFTConfig(model=cfg.base, data=os.path.join(cfg.toy, data_file),
                                            images=os.path.join(cfg.toy, "images"), out=out, steps=cfg.sft_steps,
                                            batch_size=32, micro_batch_size=16, lr=cfg.sft_lr, freeze_vision=False,
-                                           eval_every=0))
+                                           eval_every=0, save_every=50, resume=True))
     return os.path.join(out, "model")
 
 
@@ -54,7 +54,7 @@ def run_grpo(cfg: ExperimentConfig, name: str, model: str) -> dict:
         history = train_grpo.main(train_grpo.GRPOConfig(
             model=model, data=os.path.join(cfg.toy, "rl.json"), images=os.path.join(cfg.toy, "images"),
             eval_data=os.path.join(cfg.toy, "test.json"), eval_size=cfg.eval_size, out=out, steps=cfg.grpo_steps,
-            max_new_tokens=cfg.grpo_max_new_tokens, save_every=0))
+            max_new_tokens=cfg.grpo_max_new_tokens, save_every=20, resume=True))
         with open(history_file, "w") as f:
             json.dump(history, f)
     with open(history_file) as f:

@@ -22,7 +22,9 @@ def grads(model) -> dict[str, torch.Tensor]:
 def assert_same_grads(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+        # A multi-threaded backward sums in another order: rounding grows with the gradient's largest entry.
+        scale = max(1.0, float(b[name].abs().max()))
+        torch.testing.assert_close(a[name], b[name], atol=atol * scale, rtol=1e-4, msg=name)
 
 
 def random_completions(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
