@@ -26,6 +26,7 @@ from vlaa_min.cli import UserError, print_config, run_script
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
+from vlaa_min.runtime import resolve_device, resolve_dtype
 
 
 @dataclass
@@ -57,7 +58,8 @@ def control_steps(grpo_seconds: float, base_rows: list[dict]) -> int:
 
 def main(cfg: ControlConfig) -> dict:
     print_config(cfg)
-    base_cfg, grpo_cfg = read_json(os.path.join(cfg.base, "config.json")), read_json(os.path.join(cfg.grpo, "config.json"))
+    base_cfg = read_json(os.path.join(cfg.base, "config.json"))
+    grpo_cfg = read_json(os.path.join(cfg.grpo, "config.json"))
     history = read_json(os.path.join(cfg.grpo, "eval.json"))
     grpo_seconds = grpo_train_seconds(read_metrics(os.path.join(cfg.grpo, "metrics.jsonl")))
     steps = control_steps(grpo_seconds, read_metrics(os.path.join(cfg.base, "metrics.jsonl")))
@@ -73,8 +75,10 @@ def main(cfg: ControlConfig) -> dict:
     # The GRPO run's held-out records, length budget and reward rules.
     records = data.load_records(grpo_cfg["eval_data"], grpo_cfg["images"])
     records = records[: grpo_cfg["eval_size"]] if grpo_cfg["eval_size"] else records
-    model = VLModel.from_pretrained(model_dir, dtype=torch.float32)
+    device = resolve_device(grpo_cfg["device"])
+    model = VLModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
     summary, _ = evaluation.evaluate(model, Processor.from_pretrained(model_dir), records, grpo_cfg["images"],
+                                     precision=resolve_dtype(grpo_cfg["precision"], device),
                                      max_new_tokens=grpo_cfg["max_new_tokens"],
                                      batch_size=grpo_cfg["eval_batch_size"],
                                      reward_config=rewards.RewardConfig(require_think=grpo_cfg["require_think"],

@@ -16,10 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import control
 import data
 import toyworld
 import train_grpo
 import train_sft
+from vlaa_min.cli import UserError
+from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
 from vlaa_min.toy_model import build_toy_checkpoint
@@ -165,3 +168,26 @@ def test_the_toy_recipe_learns(tmp_path):
     # the gain must be more than two of them.
     assert after - before > 2 * (0.5 / 300) ** 0.5, (before, after)
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5, rewards
+
+
+def test_control_trains_the_base_as_long_as_grpo_trained(world):
+    train_grpo.main(_grpo_config(world, "control-grpo", steps=3))
+    rows = control.main(control.ControlConfig(base=str(world / "sft"), grpo=str(world / "control-grpo"),
+                                              out=str(world / "control")))
+    grpo_seconds = control.grpo_train_seconds(read_metrics(world / "control-grpo" / "metrics.jsonl"))
+    base_rows = read_metrics(world / "sft" / "metrics.jsonl")
+    steps = read_metrics(world / "control" / "metrics.jsonl")
+    mean_step = sum(r["step_time_s"] for r in base_rows) / len(base_rows)
+    assert len(steps) == control.control_steps(grpo_seconds, base_rows) == max(1, round(grpo_seconds / mean_step))
+    base_cfg = json.loads((world / "sft" / "config.json").read_text())
+    assert {r["lr"] for r in steps} == {base_cfg["lr"] * base_cfg["min_lr_ratio"]}  # the base's final LR, held
+    history = json.loads((world / "control-grpo" / "eval.json").read_text())
+    assert list(rows.values())[:2] == [history["before"], history["after"]]
+    assert list(rows.values())[2]["n"] == history["before"]["n"]  # the same held-out records
+
+
+def test_control_steps_need_the_base_step_times():
+    assert control.control_steps(10.0, [{"step_time_s": 0.5}, {"step_time_s": 1.5}]) == 10
+    assert control.control_steps(0.1, [{"step_time_s": 1.0}]) == 1
+    with pytest.raises(UserError, match="step_time_s"):
+        control.control_steps(10.0, [{"loss": 1.0}])
