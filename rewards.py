@@ -26,7 +26,9 @@ Rules (one line each; "[ours]" marks a choice the paper does not state):
   thread a SIGALRM interval timer interrupts sympy (math_verify's own alarm takes whole seconds and cannot tell a
   timeout from a wrong answer); in any other thread the check runs in a forked child process that is killed at the
   deadline (about 10-25 ms overhead a call). Unix only (signals and fork). math_verify logs once that its own
-  timeout is disabled: expected, the deadline is ours.
+  timeout is disabled: expected, the deadline is ours. compute_rewards gives each math answer a first try of a
+  tenth of the limit, in turn, then checks the ones that ran out again with the whole limit, MATH_WORKERS at a
+  time: k slow answers in a batch cost about k/10 + ceil(k/MATH_WORKERS) limits, not k [ours].
 - iou: exactly one box [x1, y1, x2, y2] or (x1, y1, x2, y2) (a bare "x1, y1, x2, y2" also works) [ours: the forms];
   reward = IoU with the gt box, continuous; correct means IoU >= 0.5 [ours]. Boxes are normalised 0..1 unless
   meta["box_format"] == "pixel" (then meta["image_size"] = [W, H]) or config.iou_box_format says so. Several boxes
@@ -64,7 +66,8 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Callable, Protocol
 
@@ -368,6 +371,8 @@ def _mcq_reward(answer: str, gt: str, sample: dict) -> tuple[float, str]:
 # --- math ----------------------------------------------------------------------------------------------------------
 
 _MATH_MAX_CHARS = 1000
+MATH_QUICK_FRACTION = 0.1  # compute_rewards' first try of a math answer: this share of math_timeout_s
+MATH_WORKERS = 8  # math answers compute_rewards checks at once after their first try ran out
 _ALARM_REPEAT_S = 0.05  # the alarm fires again at this interval in case some library code swallowed the first one
 _LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
 
@@ -714,9 +719,20 @@ def compute_reward(response: str, sample: dict, *, config: RewardConfig | None =
 
 
 def compute_rewards(responses: list[str], samples: list[dict], *, config: RewardConfig | None = None) -> list[dict]:
-    """compute_reward over a batch; samples may repeat (G responses per prompt): S(gt) is scored once per sample."""
+    """compute_reward over a batch; samples may repeat (G responses per prompt): S(gt) is scored once per sample.
+
+    Math answers that outlast a quick first try are checked again together, so that a few math bombs in a group
+    cost about one math_timeout_s, not one each."""
     if len(responses) != len(samples):
         raise ValueError(f"compute_rewards: {len(responses)} responses but {len(samples)} samples")
     config = config or RewardConfig()
+    quick = replace(config, math_timeout_s=config.math_timeout_s * MATH_QUICK_FRACTION)
     reference_scores: dict[int, float] = {}
-    return [_reward(response, sample, config, reference_scores) for response, sample in zip(responses, samples)]
+    results = [_reward(response, sample, quick, reference_scores) for response, sample in zip(responses, samples)]
+    slow = [index for index, result in enumerate(results) if result["reason"] == "timeout"]
+    # Off the main thread each check runs in its own child process, so the slow ones overlap.
+    with ThreadPoolExecutor(max_workers=MATH_WORKERS, thread_name_prefix="math") as pool:
+        rescored = pool.map(lambda index: _reward(responses[index], samples[index], config, reference_scores), slow)
+        for index, result in zip(slow, rescored):
+            results[index] = result
+    return results

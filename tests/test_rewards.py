@@ -320,6 +320,24 @@ def test_math_in_worker_thread_is_correct_and_bounded():
     assert time.monotonic() - started < config.math_timeout_s + 0.5
 
 
+def test_math_bombs_in_one_batch_cost_about_one_time_limit(monkeypatch):
+    real_check = rewards._math_check
+    delays = {"bomb": 60.0, "slow": 0.3}  # a bomb never ends; "slow" outlasts the first try, not the limit
+
+    def check(answer, gt):
+        time.sleep(delays.get(answer, 0.0))
+        return "ok" if answer == "slow" else real_check(answer, gt)
+
+    monkeypatch.setattr(rewards, "_math_check", check)
+    config = RewardConfig(math_timeout_s=1.0)
+    answers = ["bomb", "0.5", "slow", "bomb", "0.6", "bomb"]
+    started = time.monotonic()
+    results = compute_rewards([wrap(answer) for answer in answers], [MATH] * len(answers), config=config)
+    elapsed = time.monotonic() - started
+    assert [result["reason"] for result in results] == ["timeout", "ok", "ok", "timeout", "wrong", "timeout"]
+    assert elapsed < 2 * config.math_timeout_s  # one after the other: 3 limits
+
+
 def test_math_guard_restores_an_outer_sigalrm_handler_and_timer():
     fired = []
 
