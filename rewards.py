@@ -30,16 +30,18 @@ Rules (one line each; "[ours]" marks a choice the paper does not state):
   tenth of the limit, in turn, then checks the ones that ran out again with the whole limit, MATH_WORKERS at a
   time: k slow answers in a batch cost about k/10 + ceil(k/MATH_WORKERS) limits, not k [ours].
 - iou: exactly one box [x1, y1, x2, y2] or (x1, y1, x2, y2) (a bare "x1, y1, x2, y2" also works) [ours: the forms];
-  reward = IoU with the gt box, continuous; correct means IoU >= 0.5 [ours]. Boxes are normalised 0..1 unless
-  meta["box_format"] == "pixel" (then meta["image_size"] = [W, H]) or config.iou_box_format says so. Several boxes
-  ("ambiguous"), NaN/inf ("invalid_box"), coordinates outside the image ("out_of_range"), x2 < x1 or y2 < y1
-  ("inverted") and zero area ("degenerate") give 0.
+  reward = IoU with the gt box, continuous; correct means IoU >= IOU_CORRECT = 0.5 [ours]. Boxes are normalised
+  0..1 unless meta["box_format"] == "pixel" (then meta["image_size"] = [W, H]) or config.iou_box_format says so.
+  Several boxes ("ambiguous"), NaN/inf ("invalid_box"), coordinates outside the image ("out_of_range"), x2 < x1
+  or y2 < y1 ("inverted") and zero area ("degenerate") give 0.
 - open: the paper's R = 1 - exp(-(S(pred) - S(ref)) * beta) if S(pred) > S(ref) else 0 for a relative scorer S
   (reward model; S(ref) = S(gt)). beta is not reported; we use open_beta = 1.0 [ours]: one unit of score gained
   gives 0.63, three units 0.95. For a similarity scorer (relative=False) the formula is identically 0 (the
   reference matches itself best), so the reward is the similarity itself, clipped to [0, 1] [deviation].
   The paper's scorer is InternLM-XComposer2.5-Reward; we ship ToySceneScorer (relative, the toy world's scene
   facts) and TokenF1Scorer (SQuAD token F1 with gt). Default: the toy scorer when meta["scene"] exists, else F1.
+  Correct means reward > 0 for a relative scorer, and a similarity >= SIMILARITY_CORRECT = 0.5 for the others
+  (with F1 one shared word would count otherwise) [ours].
   Scorer exceptions are not caught: they are bugs or infrastructure failures, not model output.
 
 Reasons: "ok" (reward > 0), "wrong", "format", "empty", "unparsable", "ambiguous", "timeout", "too_long", "error"
@@ -86,6 +88,8 @@ for _logger in ("math_verify.grader", "math_verify.parser"):
     logging.getLogger(_logger).addFilter(_DeadlineEnforcedHere())
 
 REWARD_TYPES = ("digit", "mcq", "math", "iou", "open")
+IOU_CORRECT = 0.5  # an iou answer is correct from this IoU on
+SIMILARITY_CORRECT = 0.5  # an open answer scored by a similarity (relative=False, e.g. F1) is correct from here on
 
 # --- type resolution ------------------------------------------------------------------------------------------------
 
@@ -708,9 +712,17 @@ def _reward(response: str, sample: dict, config: RewardConfig, reference_scores:
         result["info"] = {"iou": reward}
     else:
         reward, reason, result["info"] = _open_reward(answer, sample, config, reference_scores)
-    correct = {"iou": reward >= 0.5, "open": reward > 0}.get(reward_type, reward == 1.0)
-    result.update(reward=float(reward), reason=reason, correct=bool(correct))
+    result.update(reward=float(reward), reason=reason, correct=_is_correct(reward, reward_type, sample, config))
     return result
+
+
+def _is_correct(reward: float, reward_type: str, sample: dict, config: RewardConfig) -> bool:
+    """Whether the reward counts as a correct answer (the accuracy of eval.py and the GRPO logs)."""
+    if reward_type == "iou":
+        return reward >= IOU_CORRECT
+    if reward_type == "open":
+        return reward > 0 if _open_scorer(sample, config).relative else reward >= SIMILARITY_CORRECT
+    return reward == 1.0
 
 
 def compute_reward(response: str, sample: dict, *, config: RewardConfig | None = None) -> dict:
