@@ -41,7 +41,7 @@ Choices the paper (or the data set card) leaves open:
 - The default images root (images_root=None) is "<json folder>/images" when that folder exists, else the JSON
   file's folder: the layout of both the toy world and the Hugging Face download.
 - A JSON array that does not parse cannot be resynchronised, so skip_bad does not skip it: the load fails.
-  A bad line of a JSON-lines file is skipped (kind "bad_json").
+  A bad line of a JSON-lines file is skipped (kind "bad_json", or "not_utf8" for bytes that are not UTF-8).
 - EpochSampler seeds numpy's generator with the pair (seed, epoch), not seed + epoch, so that two runs with
   seeds s and s+1 never see the same order one epoch apart.
 
@@ -92,15 +92,26 @@ class RecordList(list):
 # Reading the file: (location, record) pairs from a JSON array or JSON lines
 
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # the bytes that are not UTF-8, as surrogateescape keeps them
 
 
 def _read_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 stay as lone surrogates, for _require_utf8 to place."""
     try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte order mark
+        return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # -sig: tolerate a byte order mark
     except FileNotFoundError:
         raise DataError(str(path), "file", "not found", "file") from None
-    except UnicodeDecodeError as error:
-        raise DataError(str(path), "file", f"not UTF-8 text ({error})", "file") from None
+
+
+def _require_utf8(text: str, path: str, first_line: int = 1) -> None:
+    """Raise DataError at the first byte of `text` that is not UTF-8, naming its line and column."""
+    bad = _NOT_UTF8.search(text)
+    if bad is None:
+        return
+    line_start = text.rfind("\n", 0, bad.start()) + 1
+    line = first_line + text.count("\n", 0, bad.start())
+    raise DataError(f"{path}:{line}", "encoding", f"not UTF-8 text: byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                    f"column {bad.start() - line_start + 1}", "not_utf8")
 
 
 def _json_array_items(text: str, start: int, path: str):
@@ -142,15 +153,24 @@ def _json_lines_items(text: str, path: str, skip_bad: bool, skipped: Counter, me
             continue
         where = f"{path}:{line_number}"
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            bad = DataError(where, "json", f"invalid JSON line: {error.msg} (column {error.colno})", "bad_json")
+            value = _json_line(line, path, line_number)
+        except DataError as bad:
             if not skip_bad:
-                raise bad from None
+                raise
             skipped[bad.kind] += 1
             messages.append(str(bad))
             continue
         yield where, value
+
+
+def _json_line(line: str, path: str, line_number: int):
+    """The value on one line of a JSON-lines file; DataError when it is not UTF-8 or not JSON."""
+    _require_utf8(line, path, line_number)
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{line_number}", "json", f"invalid JSON line: {error.msg} (column {error.colno})",
+                        "bad_json") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,6 +343,8 @@ def load_records(path, images_root=None, *, require_answer: bool = False, skip_b
     start = _WHITESPACE.match(text).end()
     skipped: Counter = Counter()
     messages: list[str] = []
+    if not text.startswith("{", start):  # one JSON value, not lines: a bad byte cannot be skipped
+        _require_utf8(text, str(path))
     if text.startswith("[", start):
         items = _json_array_items(text, start, str(path))
     elif text.startswith("{", start):

@@ -26,18 +26,22 @@ Rules (one line each; "[ours]" marks a choice the paper does not state):
   thread a SIGALRM interval timer interrupts sympy (math_verify's own alarm takes whole seconds and cannot tell a
   timeout from a wrong answer); in any other thread the check runs in a forked child process that is killed at the
   deadline (about 10-25 ms overhead a call). Unix only (signals and fork). math_verify logs once that its own
-  timeout is disabled: expected, the deadline is ours.
+  timeout is disabled: expected, the deadline is ours. compute_rewards gives each math answer a first try of a
+  tenth of the limit, in turn, then checks the ones that ran out again with the whole limit, MATH_WORKERS at a
+  time: k slow answers in a batch cost about k/10 + ceil(k/MATH_WORKERS) limits, not k [ours].
 - iou: exactly one box [x1, y1, x2, y2] or (x1, y1, x2, y2) (a bare "x1, y1, x2, y2" also works) [ours: the forms];
-  reward = IoU with the gt box, continuous; correct means IoU >= 0.5 [ours]. Boxes are normalised 0..1 unless
-  meta["box_format"] == "pixel" (then meta["image_size"] = [W, H]) or config.iou_box_format says so. Several boxes
-  ("ambiguous"), NaN/inf ("invalid_box"), coordinates outside the image ("out_of_range"), x2 < x1 or y2 < y1
-  ("inverted") and zero area ("degenerate") give 0.
+  reward = IoU with the gt box, continuous; correct means IoU >= IOU_CORRECT = 0.5 [ours]. Boxes are normalised
+  0..1 unless meta["box_format"] == "pixel" (then meta["image_size"] = [W, H]) or config.iou_box_format says so.
+  Several boxes ("ambiguous"), NaN/inf ("invalid_box"), coordinates outside the image ("out_of_range"), x2 < x1
+  or y2 < y1 ("inverted") and zero area ("degenerate") give 0.
 - open: the paper's R = 1 - exp(-(S(pred) - S(ref)) * beta) if S(pred) > S(ref) else 0 for a relative scorer S
   (reward model; S(ref) = S(gt)). beta is not reported; we use open_beta = 1.0 [ours]: one unit of score gained
   gives 0.63, three units 0.95. For a similarity scorer (relative=False) the formula is identically 0 (the
   reference matches itself best), so the reward is the similarity itself, clipped to [0, 1] [deviation].
   The paper's scorer is InternLM-XComposer2.5-Reward; we ship ToySceneScorer (relative, the toy world's scene
   facts) and TokenF1Scorer (SQuAD token F1 with gt). Default: the toy scorer when meta["scene"] exists, else F1.
+  Correct means reward > 0 for a relative scorer, and a similarity >= SIMILARITY_CORRECT = 0.5 for the others
+  (with F1 one shared word would count otherwise) [ours].
   Scorer exceptions are not caught: they are bugs or infrastructure failures, not model output.
 
 Reasons: "ok" (reward > 0), "wrong", "format", "empty", "unparsable", "ambiguous", "timeout", "too_long", "error"
@@ -64,7 +68,8 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Callable, Protocol
 
@@ -83,6 +88,8 @@ for _logger in ("math_verify.grader", "math_verify.parser"):
     logging.getLogger(_logger).addFilter(_DeadlineEnforcedHere())
 
 REWARD_TYPES = ("digit", "mcq", "math", "iou", "open")
+IOU_CORRECT = 0.5  # an iou answer is correct from this IoU on
+SIMILARITY_CORRECT = 0.5  # an open answer scored by a similarity (relative=False, e.g. F1) is correct from here on
 
 # --- type resolution ------------------------------------------------------------------------------------------------
 
@@ -368,6 +375,8 @@ def _mcq_reward(answer: str, gt: str, sample: dict) -> tuple[float, str]:
 # --- math ----------------------------------------------------------------------------------------------------------
 
 _MATH_MAX_CHARS = 1000
+MATH_QUICK_FRACTION = 0.1  # compute_rewards' first try of a math answer: this share of math_timeout_s
+MATH_WORKERS = 8  # math answers compute_rewards checks at once after their first try ran out
 _ALARM_REPEAT_S = 0.05  # the alarm fires again at this interval in case some library code swallowed the first one
 _LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
 
@@ -703,9 +712,17 @@ def _reward(response: str, sample: dict, config: RewardConfig, reference_scores:
         result["info"] = {"iou": reward}
     else:
         reward, reason, result["info"] = _open_reward(answer, sample, config, reference_scores)
-    correct = {"iou": reward >= 0.5, "open": reward > 0}.get(reward_type, reward == 1.0)
-    result.update(reward=float(reward), reason=reason, correct=bool(correct))
+    result.update(reward=float(reward), reason=reason, correct=_is_correct(reward, reward_type, sample, config))
     return result
+
+
+def _is_correct(reward: float, reward_type: str, sample: dict, config: RewardConfig) -> bool:
+    """Whether the reward counts as a correct answer (the accuracy of eval.py and the GRPO logs)."""
+    if reward_type == "iou":
+        return reward >= IOU_CORRECT
+    if reward_type == "open":
+        return reward > 0 if _open_scorer(sample, config).relative else reward >= SIMILARITY_CORRECT
+    return reward == 1.0
 
 
 def compute_reward(response: str, sample: dict, *, config: RewardConfig | None = None) -> dict:
@@ -714,9 +731,20 @@ def compute_reward(response: str, sample: dict, *, config: RewardConfig | None =
 
 
 def compute_rewards(responses: list[str], samples: list[dict], *, config: RewardConfig | None = None) -> list[dict]:
-    """compute_reward over a batch; samples may repeat (G responses per prompt): S(gt) is scored once per sample."""
+    """compute_reward over a batch; samples may repeat (G responses per prompt): S(gt) is scored once per sample.
+
+    Math answers that outlast a quick first try are checked again together, so that a few math bombs in a group
+    cost about one math_timeout_s, not one each."""
     if len(responses) != len(samples):
         raise ValueError(f"compute_rewards: {len(responses)} responses but {len(samples)} samples")
     config = config or RewardConfig()
+    quick = replace(config, math_timeout_s=config.math_timeout_s * MATH_QUICK_FRACTION)
     reference_scores: dict[int, float] = {}
-    return [_reward(response, sample, config, reference_scores) for response, sample in zip(responses, samples)]
+    results = [_reward(response, sample, quick, reference_scores) for response, sample in zip(responses, samples)]
+    slow = [index for index, result in enumerate(results) if result["reason"] == "timeout"]
+    # Off the main thread each check runs in its own child process, so the slow ones overlap.
+    with ThreadPoolExecutor(max_workers=MATH_WORKERS, thread_name_prefix="math") as pool:
+        rescored = pool.map(lambda index: _reward(responses[index], samples[index], config, reference_scores), slow)
+        for index, result in zip(slow, rescored):
+            results[index] = result
+    return results

@@ -194,6 +194,27 @@ def test_bad_json_line(tmp_path, images):
     assert caught.value.kind == "bad_json"
 
 
+def test_a_byte_that_is_not_utf8_names_its_line_and_skips_only_its_record(tmp_path, images, capsys):
+    lines = [json.dumps(record(id=f"r{i}", question="Combien de formes rouges ?")).encode() for i in range(3)]
+    lines[1] = lines[1].replace("Combien".encode(), b"Caf\xe9")  # Latin-1, not UTF-8
+    path = tmp_path / "l.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    column = lines[1].index(b"\xe9") + 1
+    with pytest.raises(data.DataError, match=rf"l\.jsonl:2: encoding: not UTF-8 text: byte 0xe9 at column {column}$"):
+        data.load_records(str(path), images)
+    loaded = data.load_records(str(path), images, skip_bad=True)
+    assert [r["id"] for r in loaded] == ["r0", "r2"] and loaded.skipped == {"not_utf8": 1}
+    assert "l.jsonl:2: encoding: not UTF-8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, line", [(b'[\n{"id": "a"},\n{"id": "\xff"}\n]', 3), (b"\xff\xfe[]", 1)])
+def test_a_byte_that_is_not_utf8_in_an_array_rejects_the_file_at_its_line(tmp_path, images, content, line):
+    path = tmp_path / "a.json"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=rf"a\.json:{line}: encoding: not UTF-8 text: byte 0xff"):
+        data.load_records(str(path), images, skip_bad=True)  # an array cannot be resynchronised
+
+
 @pytest.mark.parametrize("text, line", [
     ('[\n{"id": 1},\n{"id": 2,\n]', 4),  # a trailing comma inside the second record
     ('[\n{"id": 1}\n{"id": 2}\n]', 3),  # a missing comma between records

@@ -79,8 +79,9 @@ def completion(content, reasoning=None) -> bytes:
 class ChatServer:
     """An OpenAI-compatible test server on 127.0.0.1 (ephemeral port) in a thread.
 
-    respond(body: dict, attempt: int) -> (status, payload bytes, delay seconds, headers); `attempt` counts the
-    requests with the same key(body) so far (1 = first). Tracks the most requests in flight at once.
+    respond(body: dict, attempt: int) -> (status, payload, delay seconds, headers); `attempt` counts the
+    requests with the same key(body) so far (1 = first). The payload is bytes, or an iterator of byte chunks sent
+    as it yields them (then headers must give the Content-Length). Tracks the most requests in flight at once.
     """
 
     def __init__(self, respond, key=lambda body: json.dumps(body["messages"])):
@@ -103,11 +104,13 @@ class ChatServer:
                     status, payload, delay, headers = server.respond(body, attempt)
                     time.sleep(delay)
                     self.send_response(status)
+                    if isinstance(payload, bytes):
+                        headers, payload = {"Content-Length": str(len(payload)), **headers}, [payload]
                     for name, value in {"Content-Type": "application/json", **headers}.items():
                         self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    for chunk in payload:
+                        self.wfile.write(chunk)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) or was killed
                     pass
                 finally:
@@ -350,6 +353,66 @@ def test_http_backend_retries_reports_and_resumes(toy, tmp_path):
     captions = {r["id"]: r["caption"] for r in map(json.loads, out.read_text().splitlines())}
     assert captions == {record_id: f"Caption of {record_id}." for record_id in ids}
     assert sorted(ids_once(out)) == sorted(ids)
+
+
+MALFORMED_REPLIES = {  # first replies that are retried as failures of their record, not crashes of the step
+    "message-null": (200, b'{"choices": [{"message": null}]}', {}),
+    "message-string": (200, b'{"choices": [{"message": "hello"}]}', {}),
+    "no-choices": (200, b'{"object": "chat.completion"}', {}),
+    "choices-null": (200, b'{"choices": null}', {}),
+    "choice-empty": (200, b'{"choices": [{}]}', {}),
+    "not-utf8": (200, b'\xff\xfe', {}),
+    "cut-200": (200, completion("Cut off")[:20], {"Content-Length": "1000"}),
+    "cut-500": (500, b'{"error": "overl', {"Content-Length": "1000"}),
+    "bad-retry-after": (503, b"busy", {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),
+}
+
+
+def test_http_backend_retries_malformed_and_cut_short_replies(tmp_path):
+    records = [{"id": name, "question": f"{name}?", "caption": "Shapes."} for name in MALFORMED_REPLIES]
+
+    def respond(body, attempt):
+        name = next(key for key in MALFORMED_REPLIES if f"{key}?" in json.dumps(body))
+        if attempt == 1:
+            status, payload, headers = MALFORMED_REPLIES[name]
+            return status, payload, 0.0, headers
+        return 200, completion(f"<think>Fine.</think> <answer>{name}</answer>"), 0.0, {}
+
+    with ChatServer(respond) as server:
+        backend = OpenAIBackend(server.base_url, "reasoner", concurrency=3, timeout_s=5.0, max_retries=1,
+                                backoff_s=0.01)
+        stats = pipeline.step_distill(write_jsonl(tmp_path / "in.jsonl", records), tmp_path / "out.jsonl", backend)
+        assert sorted(server.attempts.values()) == [2] * len(records)
+    assert (stats["kept"], stats["failed"]) == (len(records), 0)
+
+
+def trickle(payload: bytes, every_s: float):
+    for byte in payload:
+        time.sleep(every_s)
+        yield bytes([byte])
+
+
+def test_http_timeout_bounds_the_whole_request_not_each_read(tmp_path):
+    body = completion("A reply that arrives one byte at a time.")
+    timeout_s, every_s = 1.0, 0.1  # each read is quick, the whole reply takes len(body) * 0.1 s > 6 s
+
+    def respond(request_body, attempt):
+        return 200, trickle(body, every_s), 0.0, {"Content-Length": str(len(body))}
+
+    with ChatServer(respond) as server:
+        backend = OpenAIBackend(server.base_url, "reasoner", timeout_s=timeout_s, max_retries=1, backoff_s=0.01)
+        started = time.monotonic()
+        result = backend.send(pipeline.ChatRequest(user="Question?"))
+        elapsed = time.monotonic() - started
+        assert len(server.requests) == 2
+    assert result.text is None and "no complete reply within 1 s (after 2 attempt(s))" in result.error
+    assert elapsed < 2 * timeout_s + 1.0
+
+    fast = completion("Quick enough.")
+    with ChatServer(lambda request_body, attempt: (200, trickle(fast, 0.001), 0.0,
+                                                   {"Content-Length": str(len(fast))})) as server:
+        backend = OpenAIBackend(server.base_url, "reasoner", timeout_s=timeout_s, max_retries=0)
+        assert backend.send(pipeline.ChatRequest(user="Question?")).text == "Quick enough."
 
 
 def test_http_backend_respects_the_concurrency_limit_and_keeps_reasoning(tmp_path):

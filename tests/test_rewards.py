@@ -226,6 +226,8 @@ CASES = [
     ("open-f1-exact", wrap("Red truck."), OPEN_F1, 1.0, "ok", None),
     ("open-f1-half", wrap("the red car"), OPEN_F1, 2 * 0.5 * 0.5 / (0.5 + 0.5), "ok", None),
     ("open-f1-repeated", wrap("red truck red truck"), OPEN_F1, 2 * 0.5 * 1.0 / (0.5 + 1.0), "ok", None),
+    ("open-f1-one-word-of-six", wrap("a red car parked near the big house"), OPEN_F1,
+     2 * (1 / 6) * (1 / 2) / (1 / 6 + 1 / 2), "ok", None),  # some reward, not correct: F1 0.25 < 0.5
     ("open-f1-none", wrap("blue"), OPEN_F1, 0.0, "wrong", None),
     ("open-f1-only-articles", wrap("the a an"), OPEN_F1, 0.0, "wrong", None),
 ]
@@ -239,7 +241,8 @@ def test_reward_table(response, sample, expected_reward, expected_reason, config
     assert result["reason"] == expected_reason
     assert result["type"] == sample["verifier_type"]
     assert (result["answer"] is None) == (expected_reason in ("format", "empty"))
-    expected_correct = {"iou": expected_reward >= 0.5, "open": expected_reward > 0}.get(
+    open_correct = expected_reward > 0 if sample is OPEN_TOY else expected_reward >= 0.5  # relative or F1
+    expected_correct = {"iou": expected_reward >= 0.5, "open": open_correct}.get(
         sample["verifier_type"], expected_reward == 1.0)
     assert result["correct"] == expected_correct
 
@@ -318,6 +321,24 @@ def test_math_in_worker_thread_is_correct_and_bounded():
                                                                      "gt": "1"}, config=config))
     assert (slow["reward"], slow["reason"]) == (0.0, "timeout")
     assert time.monotonic() - started < config.math_timeout_s + 0.5
+
+
+def test_math_bombs_in_one_batch_cost_about_one_time_limit(monkeypatch):
+    real_check = rewards._math_check
+    delays = {"bomb": 60.0, "slow": 0.3}  # a bomb never ends; "slow" outlasts the first try, not the limit
+
+    def check(answer, gt):
+        time.sleep(delays.get(answer, 0.0))
+        return "ok" if answer == "slow" else real_check(answer, gt)
+
+    monkeypatch.setattr(rewards, "_math_check", check)
+    config = RewardConfig(math_timeout_s=1.0)
+    answers = ["bomb", "0.5", "slow", "bomb", "0.6", "bomb"]
+    started = time.monotonic()
+    results = compute_rewards([wrap(answer) for answer in answers], [MATH] * len(answers), config=config)
+    elapsed = time.monotonic() - started
+    assert [result["reason"] for result in results] == ["timeout", "ok", "ok", "timeout", "wrong", "timeout"]
+    assert elapsed < 2 * config.math_timeout_s  # one after the other: 3 limits
 
 
 def test_math_guard_restores_an_outer_sigalrm_handler_and_timer():
@@ -533,13 +554,22 @@ def test_relative_scorer_uses_the_paper_formula_with_beta():
     assert compute_reward(wrap("one"), sample, config=config)["reward"] == 0.0
 
 
-@pytest.mark.parametrize("value,expected,reason", [
-    (0.25, 0.25, "ok"), (1.7, 1.0, "ok"), (-0.3, 0.0, "wrong"), (float("nan"), 0.0, "bad_score"),
+@pytest.mark.parametrize("value,expected,reason,correct", [
+    (0.25, 0.25, "ok", False), (0.5, 0.5, "ok", True), (1.7, 1.0, "ok", True), (-0.3, 0.0, "wrong", False),
+    (float("nan"), 0.0, "bad_score", False),
 ])
-def test_similarity_scorer_reward_is_the_clipped_score(value, expected, reason):
+def test_similarity_scorer_reward_is_the_clipped_score(value, expected, reason, correct):
     config = RewardConfig(open_scorer=FixedSimilarity(value))
     result = compute_reward(wrap("anything"), OPEN_F1, config=config)
-    assert (result["reward"], result["reason"]) == (expected, reason)
+    assert (result["reward"], result["reason"], result["correct"]) == (expected, reason, correct)
+    assert rewards.SIMILARITY_CORRECT == 0.5
+
+
+def test_a_relative_scorer_counts_any_gain_as_correct():
+    config = RewardConfig(open_scorer=CountingScorer(), open_beta=0.5)
+    sample = {"id": "rm-1", "verifier_type": "open", "gt": "two words"}
+    result = compute_reward(wrap("three words here"), sample, config=config)  # gain 1: reward 0.39
+    assert 0 < result["reward"] < rewards.SIMILARITY_CORRECT and result["correct"]
 
 
 def test_compute_rewards_scores_the_reference_once_per_sample():

@@ -18,9 +18,10 @@ Backends (steps 2-5), one small interface, `complete(requests) -> (index, ChatRe
     local:PATH        our engine (vlaa_min/generate.py) on a local checkpoint, prompts in batches of --batch-size
     openai            an OpenAI-compatible /chat/completions endpoint: base URL from OPENAI_BASE_URL (default
                       https://api.openai.com/v1), key from OPENAI_API_KEY (no header when unset), --model;
-                      images as base64 data: URLs; --concurrency requests in flight, each with a --timeout-s
-                      socket timeout and --max-retries retries with exponential backoff (and jitter, honouring
-                      Retry-After) on timeouts, connection errors, HTTP 408/409/429/5xx and malformed bodies;
+                      images as base64 data: URLs; --concurrency requests in flight, each within --timeout-s from
+                      connecting to the last byte, and --max-retries retries with exponential backoff (and jitter,
+                      honouring Retry-After) on timeouts, connection errors, HTTP 408/409/429/5xx, bodies cut short
+                      and malformed bodies;
                       HTTP 401/403/404 stop the step at once (no request can succeed), and so do 20 failed
                       requests in a row (a server that is down)
     openai:BASE_URL   the same with another base URL (e.g. a second vLLM server)
@@ -65,7 +66,9 @@ import json
 import os
 import random
 import re
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -302,6 +305,8 @@ def parse_chat_response(raw: bytes) -> ChatResult:
         message = choice["message"]
     except (ValueError, KeyError, IndexError, TypeError) as error:
         raise MalformedResponse(f"not a chat completion ({type(error).__name__}: {error}): {raw[:200]!r}") from None
+    if not isinstance(message, dict):
+        raise MalformedResponse(f"message is a {type(message).__name__}, not an object: {raw[:200]!r}")
     content = message.get("content")
     if isinstance(content, list):  # content parts
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
@@ -312,6 +317,85 @@ def parse_chat_response(raw: bytes) -> ChatResult:
     reasoning = message.get("reasoning_content") or message.get("reasoning")  # vLLM / DeepSeek spell it both ways
     return ChatResult(text=content, reasoning=reasoning if isinstance(reasoning, str) else None,
                       truncated=choice.get("finish_reason") == "length")
+
+
+def error_body(error: urllib.error.HTTPError) -> str:
+    """The start of an HTTP error's body, as much of it as arrived (a failing server may cut it short)."""
+    try:
+        body = error.read()
+    except http.client.IncompleteRead as cut:
+        body = cut.partial
+    except (OSError, http.client.HTTPException):
+        body = b""
+    return body[:300].decode("utf-8", "replace")
+
+
+def retry_after_s(headers) -> float:
+    """The Retry-After header in seconds; 0 when absent or not a number (an HTTP date, say)."""
+    try:
+        return max(0.0, float(headers.get("Retry-After", "0"))) if headers else 0.0
+    except ValueError:
+        return 0.0
+
+
+class RequestDeadline:
+    """The end of one request, `seconds` from now: then it shuts down the sockets it watches, so that a blocked
+    read fails at once. A socket timeout bounds each read alone, and a server that trickles a byte at a time
+    never trips it."""
+
+    def __init__(self, seconds: float):
+        self.end, self.expired, self.timers = time.monotonic() + seconds, False, []
+
+    def watch(self, sock: socket.socket) -> None:
+        timer = threading.Timer(max(0.0, self.end - time.monotonic()), self._expire, (sock,))
+        timer.daemon = True
+        timer.start()
+        self.timers.append(timer)
+
+    def _expire(self, sock: socket.socket) -> None:
+        self.expired = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+    def cancel(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+
+
+class _WatchedConnection:
+    """Mixed into http.client's connections: once connected, the socket is watched by the request's deadline."""
+
+    def __init__(self, *args, deadline: RequestDeadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTPConnection(_WatchedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's http and https handler with watched connections (proxies and errors work as usual)."""
+
+    def __init__(self, deadline: RequestDeadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, request):
+        return self.do_open(_WatchedHTTPConnection, request, deadline=self.deadline)
+
+    def https_open(self, request):
+        return self.do_open(_WatchedHTTPSConnection, request, deadline=self.deadline)
 
 
 class OpenAIBackend:
@@ -339,23 +423,33 @@ class OpenAIBackend:
                            "temperature": request.temperature}).encode("utf-8")
 
     def _attempt(self, payload: bytes) -> ChatResult | tuple[str, bool, float]:
-        """One POST: the result, or (error, retryable, Retry-After seconds)."""
+        """One POST within timeout_s in all: the result, or (error, retryable, Retry-After seconds)."""
+        deadline = RequestDeadline(self.timeout_s)
+        try:
+            outcome = self._post(payload, deadline)
+        finally:
+            deadline.cancel()
+        if deadline.expired:  # whatever the cut-off read made of it
+            return f"timed out: no complete reply within {self.timeout_s:g} s", True, 0.0
+        return outcome
+
+    def _post(self, payload: bytes, deadline: RequestDeadline) -> ChatResult | tuple[str, bool, float]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+        opener = urllib.request.build_opener(_DeadlineHandler(deadline))
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with opener.open(request, timeout=self.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as error:
-            detail = error.read()[:300].decode("utf-8", "replace")
+            detail = error_body(error)
             if error.code in FATAL_HTTP_STATUS:
                 raise BackendError(f"{self.url}: HTTP {error.code} {detail}; check OPENAI_BASE_URL, OPENAI_API_KEY "
                                    f"and --model ({self.model!r})") from None
-            retry_after = error.headers.get("Retry-After", "") if error.headers else ""
             return (f"HTTP {error.code}: {detail}", error.code in RETRYABLE_HTTP_STATUS or error.code >= 500,
-                    float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 0.0)
-        except (OSError, http.client.HTTPException) as error:  # timeouts, refused / reset connections
+                    retry_after_s(error.headers))
+        except (OSError, http.client.HTTPException) as error:  # timeouts, refused / reset connections, cut bodies
             return f"{type(error).__name__}: {error}", True, 0.0
         try:
             return parse_chat_response(raw)
@@ -844,7 +938,8 @@ class PipelineConfig:
                                                                  "words (the paper: 15)"})
     batch_size: int = field(default=8, metadata={"help": "local backend: prompts per generation batch"})
     concurrency: int = field(default=8, metadata={"help": "openai backend: requests in flight"})
-    timeout_s: float = field(default=600.0, metadata={"help": "openai backend: socket timeout per request (s)"})
+    timeout_s: float = field(default=600.0, metadata={"help": "openai backend: time limit of one request, from "
+                                                               "connecting to the last byte (s)"})
     max_retries: int = field(default=5, metadata={"help": "openai backend: retries of a failed request"})
     backoff_s: float = field(default=2.0, metadata={"help": "openai backend: first retry delay, doubled each time"})
     device: str = field(default="auto", metadata={"help": "local backend: auto, cpu, cuda"})
