@@ -26,7 +26,8 @@ BASE_ARGS ?= --steps 1500 --batch-size 16 --micro-batch-size 16 --lr 1e-3 --warm
 SFT_ARGS  ?= --steps 150 --batch-size 32 --micro-batch-size 16 --lr 1e-3 --freeze-vision false --eval-every 50
 # The paper's GRPO configuration (OpenRLHF defaults where the paper is silent) for real checkpoints on one GPU.
 PAPER_GRPO_ARGS ?= --prompts-per-step 512 --group-size 4 --train-batch-size 256 --micro-batch-size 8 --steps 49 \
-                   --max-new-tokens 1024 --lr 5e-6 --kl-init 1e-3 --kl-target 5e-4 --eval-data none --save-every 5
+                   --max-new-tokens 1024 --lr 5e-6 --warmup-ratio 0.03 --kl-init 1e-3 --kl-target 5e-4 --eval-data none \
+                   --save-every 5
 
 .PHONY: install test test-slow data base sft grpo eval plot experiment bench clean
 

@@ -19,9 +19,9 @@ Questions (weighted: record i gets TYPE_CYCLE[i % 20], i.e. digit 30%, math 30%,
 
 Three targets per record, one for each training stage we imitate:
   meta["direct_answer"]  a short answer from a flawed teacher: trains the toy "instruct" base. The teacher sees
-                         the scene through a captioner that over-counts: for a share teacher_error_rate (0.8) of
-                         the records it counts every colour present one too many, so its counts, sums and
-                         descriptions are wrong there (meta["teacher_wrong"]). mcq and iou do not depend on counts.
+                         the scene through a captioner that counts every shape twice, for a share
+                         teacher_error_rate (0.7) of the records: its counts, sums and descriptions are wrong there
+                         (meta["teacher_wrong"]), unless the count is 0. mcq and iou do not depend on counts.
                          The base learns the error as its most likely answer, and the right one as a runner-up:
                          exactly what a verifiable reward can select, and what more SFT on the same data cannot fix.
   "answer"               a clean reasoning trace, right by construction (the paper's step 5 keeps only traces whose
@@ -38,7 +38,7 @@ sft_pseudo.json keep the clean trace in meta["clean_answer"]), rl.json, test.jso
 rates, version), written last so that its presence means the world is complete. Splits use distinct seeds, and no
 (scene, question) pair repeats across or within them: build_world checks this before writing.
 
-    python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.8] [--pseudo-flip-rate 0.3] [--base-size ...]
+    python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--pseudo-flip-rate 0.3] [--base-size ...]
 """
 
 import json
@@ -169,9 +169,9 @@ def join_words(items: list[str]) -> str:
 
 
 def color_counts(objects: list[ToyObject], overcount: bool = False) -> dict[str, int]:
-    """Shapes per colour; overcount=True is the flawed teacher's view: every colour present once too often."""
+    """Shapes per colour; overcount=True is the flawed teacher's view, which counts every shape twice."""
     counts = {color: sum(o.color == color for o in objects) for color in COLORS}
-    return {color: n + 1 if overcount and n else n for color, n in counts.items()}
+    return {color: 2 * n if overcount else n for color, n in counts.items()}
 
 
 def description(counts: dict[str, int]) -> str:
@@ -309,7 +309,7 @@ def make_targets(spec: dict, flip: bool, rng: random.Random) -> tuple[str, str, 
 
 
 def generate_split(
-    n: int, seed: int, image_dir: str, prefix: str, *, teacher_error_rate: float = 0.8,
+    n: int, seed: int, image_dir: str, prefix: str, *, teacher_error_rate: float = 0.7,
     pseudo_flip_rate: float = 0.3, exclude: set | None = None,
 ) -> list[dict]:
     """n records (record i is of type TYPE_CYCLE[i % 20]); writes image_dir/<prefix>_<i>.png.
@@ -378,7 +378,7 @@ def split_seed(seed: int, split: str) -> int:
     return seed * 10 + SPLITS.index(split) + 1  # distinct for every (seed >= 0, split)
 
 
-def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teacher_error_rate: float = 0.8,
+def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teacher_error_rate: float = 0.7,
                 pseudo_flip_rate: float = 0.3) -> dict:
     """Write the toy world under out_dir (see the module docstring); returns the manifest."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
@@ -425,8 +425,8 @@ def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teach
 class WorldConfig:
     out: str = field(default="toy", metadata={"help": "output folder (images/ and the JSON files go here)"})
     seed: int = field(default=0, metadata={"help": "world seed; each split derives its own seed from it"})
-    teacher_error_rate: float = field(default=0.8, metadata={"help": "share of records whose direct answer comes "
-                                                                    "from the over-counting teacher"})
+    teacher_error_rate: float = field(default=0.7, metadata={"help": "share of records whose direct answer comes "
+                                                                    "from the double-counting teacher"})
     pseudo_flip_rate: float = field(default=0.3,
                                     metadata={"help": "share of pseudo traces that flip to a wrong answer"})
     base_size: int = field(default=DEFAULT_SIZES["base"], metadata={"help": "records in base.json"})

@@ -84,19 +84,19 @@ class GRPOConfig:
     out: str = field(default="runs/grpo", metadata={"help": "run directory"})
     # rollout
     steps: int = field(default=80, metadata={"help": "rollout steps (paper: 49 = one epoch of 25,195 prompts)"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout (paper: 512)"})
+    prompts_per_step: int = field(default=32, metadata={"help": "prompts per rollout (paper: 512)"})
     group_size: int = field(default=8, metadata={"help": "G, samples per prompt (paper: 4)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature; log-probs use it too"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off; off keeps ratios exact)"})
     max_new_tokens: int = field(default=64, metadata={"help": "completion budget (paper: 1024)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are an error"})
     # optimisation
-    train_batch_size: int = field(default=16, metadata={"help": "samples per optimizer update (paper: 256, i.e. 8 "
-                                                                  "updates per rollout of 512 x 4; here 128 / 16)"})
-    micro_batch_size: int = field(default=16, metadata={"help": "samples per forward/backward"})
+    train_batch_size: int = field(default=32, metadata={"help": "samples per optimizer update (paper: 256, i.e. 8 "
+                                                                  "updates per rollout of 512 x 4; here 256 / 32)"})
+    micro_batch_size: int = field(default=32, metadata={"help": "samples per forward/backward"})
     mu: int = field(default=1, metadata={"help": "passes over each rollout buffer (PPO epochs)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper-scale models: 5e-6)"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of updates with linear warmup (paper: 3%)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of updates with linear warmup (paper: 3%)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor / peak (paper: 5e-7 / 5e-6)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})

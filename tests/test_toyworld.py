@@ -187,7 +187,7 @@ def test_reference_answers_earn_full_reward_and_the_teacher_errs_where_it_says(w
 
 
 def test_the_teacher_over_counts_by_its_rate(tmp_path):
-    """Where the teacher errs, it says one more shape for every colour present: its answer is above the truth."""
+    """Where the teacher errs, it counts every shape twice: its answer is above the truth unless the count is 0."""
     n, rate = 600, 0.6
     records = toyworld.generate_split(n, seed=12, image_dir=str(tmp_path), prefix="t", teacher_error_rate=rate)
     counted = [r for r in records if r["verifier_type"] in ("digit", "math")]
