@@ -150,7 +150,8 @@ def test_sft_overfits_eight_samples(world, tmp_path):
 
 def test_the_toy_recipe_learns(tmp_path):
     """`make grpo` scaled down: a small toy world, a short base on the flawed teacher's answers, then GRPO with
-    the default settings. The training reward must rise and held-out accuracy must move past its noise."""
+    the default settings at half the prompts per step. The training reward must rise and held-out accuracy must
+    move past its noise."""
     toyworld.build_world(str(tmp_path / "toy"), {"base": 2000, "sft": 4, "rl": 600, "test": 300}, seed=0)
     build_toy_checkpoint(str(tmp_path / "init"), str(tmp_path / "toy"))
     images = str(tmp_path / "toy" / "images")
@@ -161,7 +162,7 @@ def test_the_toy_recipe_learns(tmp_path):
     history = train_grpo.main(train_grpo.GRPOConfig(
         model=base, data=str(tmp_path / "toy" / "rl.json"), images=images,
         eval_data=str(tmp_path / "toy" / "test.json"), eval_size=300, out=str(tmp_path / "grpo"), steps=40,
-        save_every=0, sample_every=0, device="cpu"))
+        prompts_per_step=16, train_batch_size=16, micro_batch_size=16, save_every=0, sample_every=0, device="cpu"))
     rewards = [json.loads(line)["reward"] for line in open(tmp_path / "grpo" / "metrics.jsonl")]
     before, after = history["before"]["accuracy"], history["after"]["accuracy"]
     # Two accuracies on n questions differ by noise alone with a standard error of at most sqrt(2 * 0.25 / n);
