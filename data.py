@@ -68,6 +68,9 @@ from vlaa_min.processor import MAX_ASPECT_RATIO
 SKIP_REPORT_EXAMPLES = 5  # how many skipped-record messages skip_bad prints
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[A-Za-z_]+\|>")  # Qwen's special tokens: <|im_end|>, <|image_pad|>, ...
 IMAGE_PLACEHOLDER = "<image>"
+# The paper's "aha" words, matched as lower-cased substrings ("check" also catches "checked"): a trace with one
+# goes to the RL file in the pipeline's split step, and eval.py counts them as a reasoning statistic.
+AHA_WORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
 
 
 class DataError(ValueError):
