@@ -95,6 +95,7 @@ class RecordList(list):
 # Reading the file: (location, record) pairs from a JSON array or JSON lines
 
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
+_JSON_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')  # a string (skipped over whole) or a bracket/comma
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # the bytes that are not UTF-8, as surrogateescape keeps them
 
 
@@ -117,36 +118,34 @@ def _require_utf8(text: str, path: str, first_line: int = 1) -> None:
                     f"column {bad.start() - line_start + 1}", "not_utf8")
 
 
-def _json_array_items(text: str, start: int, path: str):
-    """Yield (location, value) for each element of the JSON array opening at text[start], with its start line."""
-    decoder = json.JSONDecoder()
-    position = _WHITESPACE.match(text, start + 1).end()  # just after "["
-    if text.startswith("]", position):
-        return
-    line, counted_to, number = 1, 0, 0
-    while True:
-        number += 1
-        line += text.count("\n", counted_to, position)
-        counted_to = position
-        where = f"{path}:record {number} (line {line})"
-        try:
-            value, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{error.lineno}", "json", f"invalid JSON: {error.msg} (column {error.colno})",
-                            "bad_json") from None
-        yield where, value
-        position = _WHITESPACE.match(text, position).end()
-        if text.startswith(",", position):
-            position = _WHITESPACE.match(text, position + 1).end()
-        elif text.startswith("]", position):
-            break
-        else:
-            line_here = 1 + text.count("\n", 0, position)
-            raise DataError(f"{path}:{line_here}", "json", "invalid JSON: expected ',' or ']' after a record",
-                            "bad_json")
-    if _WHITESPACE.match(text, position + 1).end() != len(text):
-        line_here = 1 + text.count("\n", 0, position + 1)
-        raise DataError(f"{path}:{line_here}", "json", "invalid JSON: extra data after the closing ']'", "bad_json")
+def _json_array_items(text: str, path: str):
+    """(location, value) for each element of the JSON array `text`, parsed by json.loads."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}", "json", f"invalid JSON: {error.msg} (column {error.colno})",
+                        "bad_json") from None
+    lines = _element_lines(text)
+    return [(f"{path}:record {number} (line {line})", value)
+            for number, (line, value) in enumerate(zip(lines, values), start=1)]
+
+
+def _element_lines(text: str) -> list[int]:
+    """The line each element of a valid JSON array starts on: after the "[" and after each comma at depth 1,
+    skipping over strings (which may hold brackets and commas)."""
+    lines, depth, line, counted_to = [], 0, 1, 0
+    for token in _JSON_STRUCTURE.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if depth == 1 and char in "[,":
+            start = _WHITESPACE.match(text, token.end()).end()
+            line += text.count("\n", counted_to, start)
+            counted_to = start
+            lines.append(line)
+    return lines
 
 
 def _json_lines_items(text: str, path: str, skip_bad: bool, skipped: Counter, messages: list[str]):
@@ -349,7 +348,7 @@ def load_records(path, images_root=None, *, require_answer: bool = False, skip_b
     if not text.startswith("{", start):  # one JSON value, not lines: a bad byte cannot be skipped
         _require_utf8(text, str(path))
     if text.startswith("[", start):
-        items = _json_array_items(text, start, str(path))
+        items = _json_array_items(text, str(path))
     elif text.startswith("{", start):
         items = _json_lines_items(text, str(path), skip_bad, skipped, messages)
     elif start == len(text):
