@@ -5,51 +5,25 @@ VLAA-Thinking's JSON: "id", "image" (path relative to an images root; absent, nu
 "question", "gt", "verifier_type" (digit/mcq/math/iou/open), "answer" (SFT target
 "<think>...</think> <answer>...</answer>"), optional "ds_answer", "caption", "meta" (dict).
 
-What it does:
-- `load_records` reads a JSON array file or a JSON-lines file (told apart by the first non-blank character, not
-  by the extension) and validates EVERY record before training starts: "question" and "gt" present and strings
-  (numbers in "gt" are turned into strings; NaN and inf are refused), a known reward type (the record's
-  "verifier_type" or, for GRPO files without it, its source) and a "gt" the reward can score for that type
-  (rewards.check_sample: a number, a valid box, a parsable math expression, a well-formed toy scene), a unique
-  id, no Qwen special-token text ("<|...|>") in the question or answer (it would be tokenised as a control
-  token), and an image path that is relative, has no ".." part, exists, decodes (PIL verify; each file checked
-  once however many records share it), has at most Image.MAX_IMAGE_PIXELS pixels (a decompression bomb) and an
-  aspect ratio the processor accepts.
-  `check_prompt_lengths` adds, once a processor is loaded, that every prompt fits the trainer's length limit.
-  Each record is normalised: "verifier_type" always set, a literal "<image>" placeholder removed from the
-  question (the processor places the image), "answer" built from "ds_answer" when absent, "id" filled in
-  ("<file stem>:<record number>") when absent.
-  Errors raise `DataError` "<file>:<line> [id <id>]: <field>: <problem>" for JSON lines and
-  "<file>:record <N> (line <L>) [id <id>]: <field>: <problem>" for JSON arrays (N counts from 1; a minified array is all
-  on line 1). skip_bad=True skips bad records instead, prints the counts by problem and the first few
-  messages, and keeps the counts on the returned list (`records.skipped`).
-- `load_image(images_root, relative_path)`: the image as RGB, with the same path rules.
-- `EpochSampler`: a deterministic permutation per epoch, batches of indices across epoch boundaries, exact
-  mid-epoch resume through state_dict() / load_state_dict().
-- `encode_prompt` / `encode_sft`: one record -> the processor's EncodedPrompt / EncodedSFT (a trainer that
-  wants per-record encodings, e.g. to read EncodedSFT.truncated, uses these).
-- `collate_prompts` / `collate_sft`: records -> the processor's PromptBatch / SFTBatch (each image loaded and
-  processed once per prompt; GRPO samples G completions per prompt from that one prompt row).
+- `load_records` reads a JSON array or JSON lines (told apart by the first character, not the extension) and
+  validates EVERY record before training starts (normalise_record lists the checks). An error names the file,
+  the line (JSON lines) or the record and its line (JSON arrays), the id and the field:
+  "<file>:<line> [id <id>]: <field>: <problem>". skip_bad=True skips bad records instead and counts them
+  (`records.skipped`); a JSON array that does not parse cannot be resynchronised, so it still fails.
+- `check_prompt_lengths`: every prompt fits the trainer's length limit, once a processor is loaded.
+- `EpochSampler`: a deterministic permutation per epoch (numpy seeded with the pair (seed, epoch)), batches
+  across epoch boundaries, exact mid-epoch resume through state_dict() / load_state_dict().
+- `encode_prompt` / `encode_sft` / `collate_prompts` / `collate_sft`: records -> the processor's encodings and
+  batches (each image loaded and processed once per prompt; GRPO samples G completions from that one row).
 
-Choices the paper (or the data set card) leaves open:
-- "answer" built from "ds_answer" (DeepSeek-R1's output): the text inside <think>..</think> (or everything
-  before a lone </think>, or the whole text without think tags) becomes the thought; the text after </think>
-  becomes the answer if it is not empty, else "gt". Text after </think> that already holds an <answer> block
-  is kept as it is.
-- Image paths must be relative to the images root and may not contain "..". Symbolic links inside the root
-  are followed (so images/coco may point at a COCO download elsewhere): the check is on the path as written.
-- The default images root (images_root=None) is "<json folder>/images" when that folder exists, else the JSON
-  file's folder: the layout of both the toy world and the Hugging Face download.
-- A JSON array that does not parse cannot be resynchronised, so skip_bad does not skip it: the load fails.
-  A bad line of a JSON-lines file is skipped (kind "bad_json", or "not_utf8" for bytes that are not UTF-8).
-- EpochSampler seeds numpy's generator with the pair (seed, epoch), not seed + epoch, so that two runs with
-  seeds s and s+1 never see the same order one epoch apart.
+Choices the data set card leaves open: image paths must be relative and may not contain ".." (symbolic links
+inside the root are followed); the default images root is "<json folder>/images" when it exists, else the
+file's folder; "answer" is built from "ds_answer" when absent (build_answer).
 
 Usage:
     records = load_records("toy/rl.json")                      # images root: toy/images
     records = load_records("VLAA-Thinking-SFT-126K.json", "images", require_answer=True, skip_bad=True)
-    sampler = EpochSampler(len(records), seed=0)
-    batch = collate_prompts([records[i] for i in sampler.next_batch(8)], processor, "toy/images")
+    batch = collate_prompts([records[i] for i in EpochSampler(len(records), seed=0).next_batch(8)], ...)
 """
 
 import json
@@ -68,6 +42,9 @@ from vlaa_min.processor import MAX_ASPECT_RATIO
 SKIP_REPORT_EXAMPLES = 5  # how many skipped-record messages skip_bad prints
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[A-Za-z_]+\|>")  # Qwen's special tokens: <|im_end|>, <|image_pad|>, ...
 IMAGE_PLACEHOLDER = "<image>"
+# The paper's "aha" words, matched as lower-cased substrings ("check" also catches "checked"): a trace with one
+# goes to the RL file in the pipeline's split step, and eval.py counts them as a reasoning statistic.
+AHA_WORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
 
 
 class DataError(ValueError):
@@ -92,6 +69,7 @@ class RecordList(list):
 # Reading the file: (location, record) pairs from a JSON array or JSON lines
 
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
+_JSON_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')  # a string (skipped over whole) or a bracket/comma
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # the bytes that are not UTF-8, as surrogateescape keeps them
 
 
@@ -114,36 +92,34 @@ def _require_utf8(text: str, path: str, first_line: int = 1) -> None:
                     f"column {bad.start() - line_start + 1}", "not_utf8")
 
 
-def _json_array_items(text: str, start: int, path: str):
-    """Yield (location, value) for each element of the JSON array opening at text[start], with its start line."""
-    decoder = json.JSONDecoder()
-    position = _WHITESPACE.match(text, start + 1).end()  # just after "["
-    if text.startswith("]", position):
-        return
-    line, counted_to, number = 1, 0, 0
-    while True:
-        number += 1
-        line += text.count("\n", counted_to, position)
-        counted_to = position
-        where = f"{path}:record {number} (line {line})"
-        try:
-            value, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{error.lineno}", "json", f"invalid JSON: {error.msg} (column {error.colno})",
-                            "bad_json") from None
-        yield where, value
-        position = _WHITESPACE.match(text, position).end()
-        if text.startswith(",", position):
-            position = _WHITESPACE.match(text, position + 1).end()
-        elif text.startswith("]", position):
-            break
-        else:
-            line_here = 1 + text.count("\n", 0, position)
-            raise DataError(f"{path}:{line_here}", "json", "invalid JSON: expected ',' or ']' after a record",
-                            "bad_json")
-    if _WHITESPACE.match(text, position + 1).end() != len(text):
-        line_here = 1 + text.count("\n", 0, position + 1)
-        raise DataError(f"{path}:{line_here}", "json", "invalid JSON: extra data after the closing ']'", "bad_json")
+def _json_array_items(text: str, path: str):
+    """(location, value) for each element of the JSON array `text`, parsed by json.loads."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}", "json", f"invalid JSON: {error.msg} (column {error.colno})",
+                        "bad_json") from None
+    lines = _element_lines(text)
+    return [(f"{path}:record {number} (line {line})", value)
+            for number, (line, value) in enumerate(zip(lines, values), start=1)]
+
+
+def _element_lines(text: str) -> list[int]:
+    """The line each element of a valid JSON array starts on: after the "[" and after each comma at depth 1,
+    skipping over strings (which may hold brackets and commas)."""
+    lines, depth, line, counted_to = [], 0, 1, 0
+    for token in _JSON_STRUCTURE.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if depth == 1 and char in "[,":
+            start = _WHITESPACE.match(text, token.end()).end()
+            line += text.count("\n", counted_to, start)
+            counted_to = start
+            lines.append(line)
+    return lines
 
 
 def _json_lines_items(text: str, path: str, skip_bad: bool, skipped: Counter, messages: list[str]):
@@ -203,7 +179,11 @@ def load_image(images_root, relative_path: str) -> Image.Image:
 
 
 def build_answer(ds_answer: str, gt: str) -> str:
-    """An SFT target "<think>..</think> <answer>..</answer>" from an R1 output (see the module docstring)."""
+    """An SFT target "<think>..</think> <answer>..</answer>" from an R1 output.
+
+    The thought is the text inside <think>..</think> (or everything before a lone </think>, or the whole text);
+    the answer is the text after </think> if any, else gt. Text after </think> that already holds an <answer>
+    block is kept as it is."""
     if "</think>" in ds_answer:
         thought, after = ds_answer.split("</think>", 1)
         thought = thought.replace("<think>", "", 1)
@@ -285,7 +265,15 @@ def _image_problem(path: Path) -> tuple[str, str] | None:
 
 def normalise_record(record, where: str, images_root: Path, *, require_answer: bool, default_id: str,
                      verified: dict, reward_config: "rewards.RewardConfig | None" = None) -> dict:
-    """A validated copy of one raw record (see the module docstring); raises DataError."""
+    """A validated, normalised copy of one raw record; raises DataError naming `where`, the id and the field.
+
+    Checks: "question" and "gt" present and strings (a number in "gt" becomes a string; NaN and inf are
+    refused); a known reward type (verifier_type, or the source: vlaa_min/reward_types.py) and a gt the reward
+    can score (rewards.check_sample); no Qwen special-token text ("<|...|>") in the question or answer; an image
+    that is safe, exists, decodes, is not a decompression bomb and has an aspect ratio the processor accepts.
+    Normalises: "verifier_type" always set, a literal "<image>" removed from the question, "answer" built from
+    "ds_answer" when absent, "id" filled in ("<file stem>:<record number>") when absent.
+    """
     if not isinstance(record, dict):
         raise DataError(where, "record", f"expected a JSON object, got {type(record).__name__}", "not_an_object")
     out = dict(record)
@@ -346,7 +334,7 @@ def load_records(path, images_root=None, *, require_answer: bool = False, skip_b
     if not text.startswith("{", start):  # one JSON value, not lines: a bad byte cannot be skipped
         _require_utf8(text, str(path))
     if text.startswith("[", start):
-        items = _json_array_items(text, start, str(path))
+        items = _json_array_items(text, str(path))
     elif text.startswith("{", start):
         items = _json_lines_items(text, str(path), skip_bad, skipped, messages)
     elif start == len(text):

@@ -30,7 +30,6 @@ import rewards
 from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.model import VLModel
-from vlaa_min.pipeline import AHA_WORDS  # the paper's list, also used to split SFT / RL data
 from vlaa_min.processor import Processor
 from vlaa_min.run import check_model_dir
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype
@@ -63,7 +62,7 @@ class EvalConfig:
 
 def aha_count(text: str) -> int:
     lowered = text.lower()
-    return sum(lowered.count(word) for word in AHA_WORDS)
+    return sum(lowered.count(word) for word in data.AHA_WORDS)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

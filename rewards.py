@@ -1,58 +1,26 @@
 """The mixed reward of VLAA-Thinking: one reward in [0, 1] per (response, sample), picked by the sample's type.
 
-A sample is a dataset record (a dict): "verifier_type" (or a source to infer it from), "gt", optional "question",
-"meta", "id". A response is the model's raw text. Nothing here raises on model output; bad *samples* raise a
-ValueError naming the record id and the field.
+A sample is a data record (data.py): "verifier_type" (or a source it is inferred from, vlaa_min/reward_types.py),
+"gt", optional "question" and "meta". The answer is the text of exactly one <answer>...</answer> block; there is
+no separate format term (the paper's implicit format reward): a missing, repeated or empty block gives 0.
 
-Rules (one line each; "[ours]" marks a choice the paper does not state):
-- format: the answer is the text of exactly one <answer>...</answer> block (tags matched case-insensitively [ours]);
-  zero, several, nested or unclosed blocks give 0 ("format"), an empty block gives 0 ("empty"). There is no separate
-  format term (the paper's implicit format reward). With require_think [ours, off by default] exactly one
-  <think>...</think> must also come before the answer block. Text outside the blocks is ignored.
-- digit: the answer must hold numbers of a single value, equal to gt exactly (Decimal arithmetic, so "3", "3.0",
-  "03", " 3 " all pass and a 100,000-digit number costs about a millisecond); different numbers give 0
-  ("ambiguous") [ours], and so does arithmetic ("3*3", "6/2", "3 x 3": not a number, even if it holds gt).
-  Any Unicode decimal digit counts (fullwidth "３", Arabic-Indic "٣") [ours]; "1,000" is one thousand [ours];
-  number words zero..twenty count only when the answer has no digits at all [ours]; no scientific notation.
-- mcq: the answer must name exactly one option letter A-H: "B", "B)", "(b)", "B. text", "option B", "The answer is B",
-  "\\boxed{B}"; naming two letters gives 0 ("ambiguous"). A capital "A" followed by a lower-case word is read as the
-  article, lower-case letters count only in "(b)", "b)" / "b." at the start, or after "option"/"choice" [ours].
-  If gt is option text instead of a letter it is mapped to its letter through the options listed in the question;
-  if that fails the answer must equal the gt text (case, spaces, "$" and a final "." ignored) [ours]. An answer
-  that is exactly one option's text counts as that option's letter [ours].
-- math: symbolic equivalence with gt by math_verify (parse + verify; answers without LaTeX delimiters are wrapped in
-  $...$ so plain "x+1" parses as an expression [ours]); several \\boxed{} or a list make a set, which then must
-  match. Answers over 1,000 characters give 0 ("too_long") [ours]. Hard time limit math_timeout_s: in the main
-  thread a SIGALRM interval timer interrupts sympy (math_verify's own alarm takes whole seconds and cannot tell a
-  timeout from a wrong answer); in any other thread the check runs in a forked child process that is killed at the
-  deadline (about 10-25 ms overhead a call). Unix only (signals and fork). math_verify logs once that its own
-  timeout is disabled: expected, the deadline is ours. compute_rewards gives each math answer a first try of a
-  tenth of the limit, in turn, then checks the ones that ran out again with the whole limit, MATH_WORKERS at a
-  time: k slow answers in a batch cost about k/10 + ceil(k/MATH_WORKERS) limits, not k [ours].
-- iou: exactly one box [x1, y1, x2, y2] or (x1, y1, x2, y2) (a bare "x1, y1, x2, y2" also works) [ours: the forms];
-  reward = IoU with the gt box, continuous; correct means IoU >= IOU_CORRECT = 0.5 [ours]. Boxes are normalised
-  0..1 unless meta["box_format"] == "pixel" (then meta["image_size"] = [W, H]) or config.iou_box_format says so.
-  Several boxes ("ambiguous"), NaN/inf ("invalid_box"), coordinates outside the image ("out_of_range"), x2 < x1
-  or y2 < y1 ("inverted") and zero area ("degenerate") give 0.
-- open: the paper's R = 1 - exp(-(S(pred) - S(ref)) * beta) if S(pred) > S(ref) else 0 for a relative scorer S
-  (reward model; S(ref) = S(gt)). beta is not reported; we use open_beta = 1.0 [ours]: one unit of score gained
-  gives 0.63, three units 0.95. For a similarity scorer (relative=False) the formula is identically 0 (the
-  reference matches itself best), so the reward is the similarity itself, clipped to [0, 1] [deviation].
-  The paper's scorer is InternLM-XComposer2.5-Reward; we ship ToySceneScorer (relative, the toy world's scene
-  facts) and TokenF1Scorer (SQuAD token F1 with gt). Default: the toy scorer when meta["scene"] exists, else F1.
-  Correct means reward > 0 for a relative scorer, and a similarity >= SIMILARITY_CORRECT = 0.5 for the others
-  (with F1 one shared word would count otherwise) [ours].
-  Scorer exceptions are not caught: they are bugs or infrastructure failures, not model output.
+    digit  the answer's numbers must all equal gt (Decimal: "3", "3.0", "03"); arithmetic ("3*3") gives 0
+    mcq    the answer must name exactly one option letter A-H ("B", "(b)", "option B", "\\boxed{B}") or be one
+           option's text; a gt written as option text is mapped to its letter through the question's options
+    math   symbolic equivalence with gt by Math-Verify, within the hard time limit math_timeout_s
+    iou    the IoU of the answer's one box [x1, y1, x2, y2] with gt's; correct from IOU_CORRECT = 0.5
+    open   the paper's R = 1 - exp(-(S(pred) - S(gt)) * beta) if S(pred) > S(gt) else 0 for a relative scorer S
+           (a reward model); a similarity scorer (token F1) gives the similarity, correct from SIMILARITY_CORRECT
 
-Reasons: "ok" (reward > 0), "wrong", "format", "empty", "unparsable", "ambiguous", "timeout", "too_long", "error"
-(the math child process died), "invalid_box", "out_of_range", "inverted", "degenerate", "bad_score" (NaN from a
-scorer).
+Choices the paper leaves open: tags match case-insensitively; require_think (off) also demands a <think> block
+first; number words zero..twenty count when the answer has no digits; a math answer over 1,000 characters gives
+0; beta = 1.0 (not reported). The paper's reward model (InternLM-XComposer2.5-Reward) is replaced by
+ToySceneScorer (the toy world's scene facts) when meta["scene"] exists, else by token F1 with gt.
+Nothing here raises on model output; a bad sample raises SampleError naming the record and the field.
 
-Use:
-    from rewards import RewardConfig, compute_reward, compute_rewards, resolve_type
+    from rewards import RewardConfig, compute_reward, compute_rewards
     compute_reward("<think>...</think><answer>(B)</answer>", {"verifier_type": "mcq", "gt": "B"})
     # {'reward': 1.0, 'type': 'mcq', 'reason': 'ok', 'answer': '(B)', 'correct': True, 'info': {}}
-    compute_rewards(responses, samples, config=RewardConfig(open_scorer="my_rm:Scorer"))
 """
 
 from __future__ import annotations
@@ -76,6 +44,8 @@ from typing import Callable, Protocol
 from math_verify import parse as math_parse
 from math_verify import verify as math_verify
 
+from vlaa_min.reward_types import REWARD_TYPES, record_name, resolve_type  # noqa: F401 (part of the API)
+
 
 class _DeadlineEnforcedHere(logging.Filter):
     """math_verify warns once that its own timeout is off; ours (_call_with_deadline) is on, so drop that line."""
@@ -87,79 +57,20 @@ class _DeadlineEnforcedHere(logging.Filter):
 for _logger in ("math_verify.grader", "math_verify.parser"):
     logging.getLogger(_logger).addFilter(_DeadlineEnforcedHere())
 
-REWARD_TYPES = ("digit", "mcq", "math", "iou", "open")
 IOU_CORRECT = 0.5  # an iou answer is correct from this IoU on
 SIMILARITY_CORRECT = 0.5  # an open answer scored by a similarity (relative=False, e.g. F1) is correct from here on
-
-# --- type resolution ------------------------------------------------------------------------------------------------
-
-# Alternative spellings of verifier_type, after lower-casing and turning "-"/" " into "_".
-TYPE_ALIASES = {
-    **{name: name for name in REWARD_TYPES},
-    "digits": "digit", "number": "digit", "numeric": "digit", "integer": "digit", "count": "digit",
-    "counting": "digit",
-    "multiple_choice": "mcq", "multi_choice": "mcq", "multichoice": "mcq", "choice": "mcq", "option": "mcq",
-    "math_verify": "math", "symbolic": "math", "expression": "math",
-    "bbox": "iou", "box": "iou", "grounding": "iou",
-    "open_ended": "open", "openended": "open", "free_form": "open", "reward_model": "open", "rm": "open",
-}
-
-# Source dataset (normalised like TYPE_ALIASES) -> reward type; SPEC.md's table of the RL split.
-SOURCE_TO_TYPE = {
-    "clevr_math": "digit", "clevrmath": "digit",
-    "geoqa170k": "mcq", "geoqa_170k": "mcq", "geoqa": "mcq", "geo170k": "mcq", "arxivqa": "mcq", "arxiv_qa": "mcq",
-    "math_puma": "math", "mathpuma": "math",
-    "coco": "iou", "vg": "iou", "visual_genome": "iou", "llava_cot": "iou", "llava_cot_coco": "iou",
-    "llava_cot_vg": "iou",
-    "allava": "open", "allava_4v": "open", "docvqa": "open", "vizwiz": "open",
-}
-
-
-def _record_name(record: dict) -> str:
-    return f"record {record.get('id', '<no id>')!r}"
-
-
-class SampleError(ValueError):
-    """A sample no response can be scored against: "record 'id': field 'gt' <problem>"."""
-
-    def __init__(self, sample: dict, field: str, problem: str):
-        super().__init__(f"{_record_name(sample)}: field '{field}' {problem}")
-        self.field, self.problem = field, problem
-
-
-def _normalise_name(name: str) -> str:
-    return re.sub(r"[\s\-.]+", "_", name.strip().lower())
-
 
 def _meta(record: dict) -> dict:
     meta = record.get("meta")
     return meta if isinstance(meta, dict) else {}
 
 
-def resolve_type(record: dict) -> str:
-    """The record's reward type: its verifier_type (aliases allowed), else looked up from its source dataset.
+class SampleError(ValueError):
+    """A sample no response can be scored against: "record 'id': field 'gt' <problem>"."""
 
-    The source is meta["source"], then record["source"], then the folders of record["image"] (first listed folder
-    found in SOURCE_TO_TYPE, so "clevr_math/x.png" and "/data/images/clevr_math/x.png" both work).
-    """
-    declared = record.get("verifier_type")
-    if declared is not None:
-        resolved = TYPE_ALIASES.get(_normalise_name(str(declared)))
-        if resolved is None:
-            raise ValueError(f"{_record_name(record)}: field 'verifier_type' = {declared!r} is not a known reward "
-                             f"type; expected one of {REWARD_TYPES} or an alias in rewards.TYPE_ALIASES")
-        return resolved
-    candidates = [_meta(record).get("source"), record.get("source")]
-    image = record.get("image")
-    if isinstance(image, (list, tuple)) and image:
-        image = image[0]
-    if isinstance(image, str):
-        candidates += re.split(r"[\\/]", image)[:-1]
-    for candidate in candidates:
-        if isinstance(candidate, str) and _normalise_name(candidate) in SOURCE_TO_TYPE:
-            return SOURCE_TO_TYPE[_normalise_name(candidate)]
-    raise ValueError(f"{_record_name(record)}: no 'verifier_type' and no known source in fields 'meta.source', "
-                     f"'source' or 'image' (image={record.get('image')!r}); known sources: {sorted(SOURCE_TO_TYPE)}")
+    def __init__(self, sample: dict, field: str, problem: str):
+        super().__init__(f"{record_name(sample)}: field '{field}' {problem}")
+        self.field, self.problem = field, problem
 
 
 # --- configuration and scorers ------------------------------------------------------------------------------------
@@ -244,6 +155,8 @@ def extract_answer(response: str, require_think: bool = False) -> tuple[str | No
 
 
 # --- digit ---------------------------------------------------------------------------------------------------------
+# Numbers of a single value must equal gt; different numbers give "ambiguous", and so does arithmetic. Any Unicode
+# decimal digit counts ("３", "٣"), "1,000" is one thousand, and there is no scientific notation.
 
 # A number: optional sign (not glued to a preceding word/number), digits with optional thousands groups and decimals.
 _NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
@@ -288,16 +201,18 @@ def _digit_reward(answer: str, expected: Decimal) -> tuple[float, str]:
 
 # --- mcq -----------------------------------------------------------------------------------------------------------
 
-_LETTER_WHOLE = re.compile(r"[(\[]?([A-Ha-h])[)\]]?[.:]?")
-_LETTER_LEADING = re.compile(r"[(\[]?([A-Ha-h])[)\].:](?:\s|$)")
-_LETTER_BRACKETED = re.compile(r"[(\[]([A-Ha-h])[)\]]")
-_LETTER_NAMED = re.compile(r"\b(?:option|choice)\s*[(\[]?([A-Ha-h])\b", re.IGNORECASE)
-_LETTER_CAPITAL = re.compile(r"(?<![A-Za-z0-9'])([A-H])(?![A-Za-z0-9'])")
-# "A triangle": the article. "A or B", "A is ...", "A and C": the letter (short words and connectives).
+# An option letter is a capital A-H standing alone ("B", "(B)", "B.", "option B", "the answer is B") ...
+_CAPITAL_LETTER = re.compile(r"(?<![A-Za-z0-9'])([A-H])(?![A-Za-z0-9'])")
+# ... except the article in "A triangle" ("A or B", "A is ...", "A and C" still name the letter) ...
 _ARTICLE_A = re.compile(r"A\s+(?!(?:and|nor|then|plus|also|both|versus|through|seems|looks|fits|matches|would"
-                         r"|should|could|must|might|will|can)\b)[a-z]{3,}")
-_LATEX_WRAPPER = re.compile(r"\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{")
+                        r"|should|could|must|might|will|can)\b)[a-z]{3,}")
+# ... or any case when it comes first: "b", "(b)", "b.", "B) 45°" ...
+_LEADING_LETTER = re.compile(r"[(\[]?([A-Ha-h])(?:[)\].:]+(?:\s|$)|$)")
+# ... or is marked anywhere: "(b)", "[b]", "option b", "choice b".
+_MARKED_LETTER = re.compile(r"[(\[]([A-Ha-h])[)\]]|\b(?:option|choice)\s*[(\[]?([A-Ha-h])\b", re.IGNORECASE)
+# The options listed in a question: "A: 30°", "(B) 45°", "C. 60°", at the start of a line or after a space.
 _OPTION_MARKER = re.compile(r"(?:^|(?<=\s))[(\[]?([A-H])[)\].:\uff1a]\s*", re.MULTILINE)
+_LATEX_WRAPPER = re.compile(r"\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{")
 
 
 def _plain(text: str) -> str:
@@ -306,19 +221,30 @@ def _plain(text: str) -> str:
     return re.sub(r"[{}*`$]", " ", text).strip()
 
 
-def _option_text_key(text: str) -> str:
+def _letters_named(answer: str) -> set[str]:
+    """Every option letter the answer names (see the rules above the regexes)."""
+    text = _plain(answer)
+    letters = {match.group(1) for match in _CAPITAL_LETTER.finditer(text)
+               if not (match.group(1) == "A" and _ARTICLE_A.match(text, match.start()))}
+    leading = _LEADING_LETTER.match(text)
+    if leading:
+        letters.add(leading.group(1).upper())
+    letters |= {(match.group(1) or match.group(2)).upper() for match in _MARKED_LETTER.finditer(text)}
+    return letters
+
+
+def _option_key(text: str) -> str:
+    """Option text compared without case, spaces, "$" and a final full stop."""
     return re.sub(r"[\s$]+", "", _plain(text).lower()).rstrip(".")
 
 
 def _question_options(question: str) -> dict[str, str]:
     """{"A": text, "B": text, ...} from the last run of consecutive option markers A, B, ... in the question."""
     markers = list(_OPTION_MARKER.finditer(question))
-    options: dict[str, str] = {}
-    found: dict[str, str] = {}
+    options, found = {}, {}
     for index, marker in enumerate(markers):
         end = markers[index + 1].start() if index + 1 < len(markers) else len(question)
-        text = question[marker.end():end].split("\n")[0].strip()
-        letter = marker.group(1)
+        letter, text = marker.group(1), question[marker.end():end].split("\n")[0].strip()
         if letter == "A":
             options = {"A": text}
         elif options and ord(letter) == ord(max(options)) + 1:
@@ -330,41 +256,22 @@ def _question_options(question: str) -> dict[str, str]:
     return found
 
 
-def _letters_named(answer: str) -> set[str]:
-    """Every option letter the answer names (see the module docstring for what counts)."""
-    text = _plain(answer)
-    whole = _LETTER_WHOLE.fullmatch(text)
-    if whole:
-        return {whole.group(1).upper()}
-    letters = {match.group(1).upper() for match in _LETTER_BRACKETED.finditer(text)}
-    letters |= {match.group(1).upper() for match in _LETTER_NAMED.finditer(text)}
-    leading = _LETTER_LEADING.match(text)
-    if leading:
-        letters.add(leading.group(1).upper())
-    for match in _LETTER_CAPITAL.finditer(text):
-        if not (match.group(1) == "A" and _ARTICLE_A.match(text, match.start())):
-            letters.add(match.group(1))
-    return letters
-
-
 def _letter_of_text(text: str, options: dict[str, str]) -> str | None:
-    key = _option_text_key(text)
-    matches = [letter for letter, option in options.items() if key and _option_text_key(option) == key]
+    """The letter of the one option whose text `text` is, else None."""
+    key = _option_key(text)
+    matches = [letter for letter, option in options.items() if key and _option_key(option) == key]
     return matches[0] if len(matches) == 1 else None
 
 
 def _mcq_reward(answer: str, gt: str, sample: dict) -> tuple[float, str]:
     options = _question_options(str(sample.get("question") or ""))
-    gt_plain = _plain(gt)
-    gt_match = _LETTER_WHOLE.fullmatch(gt_plain) or _LETTER_LEADING.match(gt_plain)
-    gt_letter = gt_match.group(1).upper() if gt_match else _letter_of_text(gt, options)
-    if gt_letter is None:
-        correct = _option_text_key(answer) == _option_text_key(gt)
-        return (1.0, "ok") if correct else (0.0, "wrong")
+    gt_leading = _LEADING_LETTER.match(_plain(gt))
+    gt_letter = gt_leading.group(1).upper() if gt_leading else _letter_of_text(gt, options)
+    if gt_letter is None:  # gt is text that is not one of the listed options: compare the texts
+        return (1.0, "ok") if _option_key(answer) == _option_key(gt) else (0.0, "wrong")
     letters = _letters_named(answer)
     if not letters:  # no letter named: maybe the answer is one option's text
-        text_letter = _letter_of_text(answer, options)
-        letters = {text_letter} if text_letter else set()
+        letters = {_letter_of_text(answer, options)} - {None}
     if not letters:
         return 0.0, "unparsable"
     if len(letters) > 1:
@@ -373,6 +280,12 @@ def _mcq_reward(answer: str, gt: str, sample: dict) -> tuple[float, str]:
 
 
 # --- math ----------------------------------------------------------------------------------------------------------
+# Math-Verify's own timeout counts whole seconds and cannot tell a timeout from a wrong answer, so the deadline is
+# ours. In the main thread a SIGALRM interval timer interrupts sympy (an outer timer is paused, then resumed);
+# signals reach only the main thread, so in any other thread the check runs in a forked child that is killed at
+# the deadline (Unix only). compute_rewards gives each math answer a first try of MATH_QUICK_FRACTION of the
+# limit, then checks the ones that ran out again with the whole limit, MATH_WORKERS at a time: k slow answers in a
+# batch cost about k/10 + ceil(k/MATH_WORKERS) limits, not k.
 
 _MATH_MAX_CHARS = 1000
 MATH_QUICK_FRACTION = 0.1  # compute_rewards' first try of a math answer: this share of math_timeout_s
@@ -477,6 +390,10 @@ def _math_reward(answer: str, gt: str, sample: dict, config: RewardConfig) -> tu
 
 
 # --- iou -----------------------------------------------------------------------------------------------------------
+# One box "[x1, y1, x2, y2]", "(x1, y1, x2, y2)" or a bare "x1, y1, x2, y2", normalised 0..1 unless
+# meta["box_format"] (or config.iou_box_format) is "pixel", with meta["image_size"] = [W, H]. Several boxes
+# ("ambiguous"), NaN/inf ("invalid_box"), outside the image ("out_of_range"), x2 < x1 or y2 < y1 ("inverted") and
+# zero area ("degenerate") give 0.
 
 _COORD = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|[-+]?inf(?:inity)?"
 _FOUR_COORDS = rf"\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*"
@@ -557,6 +474,10 @@ def _iou_reward(answer: str, gt_box: list[float], width: float, height: float) -
 
 
 # --- open-ended ----------------------------------------------------------------------------------------------------
+# For a similarity scorer (relative=False) the paper's formula is identically 0 (the reference matches itself
+# best), so the reward is the similarity itself, clipped to [0, 1] [deviation]; it counts as correct from
+# SIMILARITY_CORRECT on (with F1, one shared word would count otherwise). Scorer exceptions are not caught: they
+# are bugs or infrastructure failures, not model output.
 
 _COLORS = ("red", "green", "blue", "yellow")
 _SIZES = ("small", "large")

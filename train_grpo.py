@@ -1,11 +1,9 @@
 """GRPO for vision-language models with the paper's mixed reward: one readable loop.
 
-Each step: rollout -> reward -> advantage -> loss -> update -> log -> eval/save.
-
-For every prompt q (image + question) of the step, G completions o_1..o_G are sampled from the policy at
-temperature tau (the "old" policy pi_old: the weights at rollout time), and each gets one reward r_i in [0, 1] from
-rewards.py, picked by the sample's type (digit / mcq / math / iou / open; a missing or repeated <answer> block
-scores 0: the paper's implicit format reward). Then, with pi(o_t) = softmax(logits / tau)[o_t] in every pass:
+Each step: rollout -> reward -> advantage -> loss -> update -> log -> eval/save. For every prompt q, G completions
+o_1..o_G are sampled at temperature tau from the policy at rollout time (pi_old), each gets a reward r_i in [0, 1]
+from rewards.py (a missing or repeated <answer> block scores 0: the implicit format reward). Then, with
+pi(o_t) = softmax(logits / tau)[o_t] in every pass (the terms are in vlaa_min/grpo_loss.py):
 
     A_i  = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-9)                    [advantage]   (--scale-adv-by-std)
     rho  = pi_theta(o_{i,t}) / pi_old(o_{i,t})                                  [ratio]       rollout log-probs
@@ -13,23 +11,17 @@ scores 0: the paper's implicit format reward). Then, with pi(o_t) = softmax(logi
          + beta * KL_t(pi_theta || pi_ref)   (k3: exp(d) - d - 1, d = log pi_ref - log pi_theta)  [KL] (--kl-*)
     J    = mean over completions of the mean over their tokens of l            [aggregation] (--loss-aggregation)
 
-The terms live in vlaa_min/grpo_loss.py (group_advantages, policy_loss, kl_per_token, aggregate_tokens); this
-file is the loop. Each rollout of P prompts x G samples is cut into optimizer batches of --train-batch-size samples
-(each in micro-batches with gradient accumulation; prompts in random order, each prompt's samples together, so a
-micro-batch runs each of its prompts once for all of that prompt's completions:
-vlaa_min.logprobs.completion_logprobs), and the buffer is passed over --mu times; every batch after the first is
-off-policy, which is what the clip is for. beta follows the adaptive controller (the paper's best
-"KL2": init 1e-3, target 5e-4) or stays fixed (--kl-target 0); --kl-init 0 loads no reference model at all.
+A rollout of P prompts x G samples is cut into optimizer batches of --train-batch-size samples (micro-batches
+with gradient accumulation; a prompt's samples stay together, so it runs once for all of them), passed over --mu
+times; every batch after the first is off-policy, which is what the clip is for. beta follows the paper's adaptive
+controller ("KL2": init 1e-3, target 5e-4) or stays fixed (--kl-target 0); --kl-init 0 loads no reference model.
 
-Paper (OpenRLHF) vs here: G = 4, temperature 0.8, rollout batch 512 prompts, train batch 256, adaptive KL
-(1e-3 -> 5e-4), cosine LR with 3% warmup to a 5e-7 floor (peak not reported; OpenRLHF's floor is 0.1 x peak, so
-5e-6), eps 0.2, seq-mean-token-mean loss, KL in the loss, 1024 new tokens. `make grpo` with MODEL/DATA/IMAGES uses
-those values. The toy default shrinks the batch and length to fit a 2-core CPU and raises the LR for a tiny model;
-clip-higher (DAPO), Dr. GRPO's aggregation and unscaled advantages, mu > 1 and dropping zero-variance groups are
-options, off by default. The vision tower is frozen by default (as in the paper's SFT; RL is not stated).
+Paper (OpenRLHF) vs here: G = 4, temperature 0.8, 512 prompts per rollout, train batch 256, cosine LR with 3%
+warmup to a 5e-7 floor, eps 0.2, 1024 new tokens: `make grpo` with MODEL/DATA/IMAGES uses those. The toy default
+shrinks batch and length for a 2-core CPU and raises the LR; clip-higher (DAPO), Dr. GRPO's aggregation, mu > 1
+and dropping zero-variance groups are options, off by default. The vision tower is frozen by default.
 
     make grpo                                   # toy world, CPU: data + base if missing, then GRPO and eval
-    python train_grpo.py --model runs/base/model --out runs/grpo
     make grpo MODEL=Qwen2.5-VL-3B-Instruct DATA=VLAA-Thinking-GRPO-25K.json IMAGES=images
 Resume with the same command plus --resume true (--overwrite true starts it again).
 """

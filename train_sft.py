@@ -10,7 +10,7 @@ averaged over every assistant token of the optimizer batch (not per micro-batch)
 the same update as one large batch. System, user, image and role-header tokens are masked (the mask comes from
 the processor's token boundaries, never from comparing ids). Padding comes from lengths. The leading tokens every
 sample of a micro-batch shares (the system prompt) run once (vlaa_min.logprobs.masked_logprobs): same loss and
-gradients, ~1.5x the speed on the toy world.
+gradients, fewer tokens.
 
 Paper vs here: the paper trains on VLAA-Thinking-SFT-126K with a frozen vision encoder, global batch 128, ~1 epoch,
 learning rate not reported. The same defaults apply here where they fit (--freeze-vision true); the learning rate,

@@ -13,7 +13,7 @@ depend on how many of them are filled: its shapes are fixed).
   Python wrapper       compiled with Inductor's Python wrapper, not the C++ one the engine uses on CPU
   no guard check       the step under set_stance(skip_guard_eval_unsafe=True) -> what Dynamo's guard check costs
 
-    python bench/decode_step.py      # 6 compiles, ~2.5 min the first time (Inductor caches them)
+    python bench/decode_step.py      # 6 compiles the first time (Inductor caches them; docs/speed.md)
 """
 
 import shlex

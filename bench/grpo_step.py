@@ -1,29 +1,21 @@
 """Time per GRPO step: our train_grpo.py against TRL's GRPOTrainer, same model, data, G, batch and lengths.
 
-Both trainers run, one after the other in this one process (same torch, same threads, same machine state), on:
-- the same checkpoint: a tiny random-init Qwen2.5-VL (ModelConfig.tiny: 4 layers, d=128, vision depth 2) with the
-  toy tokenizer, built once by vlaa_min.toy_model from a small toy world (rl split only) under --out and reused;
-  our save_pretrained is HF format, so transformers' Qwen2_5_VLForConditionalGeneration loads it for TRL;
-- the same prompts in the same order: the toy RL records our EpochSampler draws, step by step; TRL gets them as a
-  conversational dataset in that order (shuffle off) with the paper's system prompt and the image in the user turn
-  (the bench checks on the first record that TRL's processor yields exactly our prompt token ids and pixels);
-- the same reward: rewards.compute_rewards wrapped as a TRL reward function;
-- the same GRPO: G samples per prompt, --new-tokens max new tokens, temperature, top-p 1, stop at <|im_end|> or
-  <|endoftext|>, vision placeholder tokens banned, fixed beta (k3 KL to a frozen reference), clip 0.2,
-  per-sequence token mean (TRL loss_type "grpo"), std-scaled group advantages, all P x G rollouts in one optimizer
-  update made of micro-batches of --micro-batch-size (TRL: per_device_train_batch_size, gradient accumulation
-  P x G / micro), the whole model trained (vision tower included, TRL's default), AdamW, grad clip 1, CPU, fp32,
-  no gradient checkpointing, no vLLM, no eval.
-Timing: ours = time_generate + time_reward + time_train of each step in metrics.jsonl (the data loading and image
-encoding of the step included); TRL = on_step_begin -> on_step_end of a TrainerCallback (everything inside the
-optimizer step: generation, reward, reference and policy passes, update). TRL's trainer fetches the step's batches
-before on_step_begin, so the table also gives TRL's on_step_end -> on_step_end interval. Each side runs --warmup
-steps first; the median of the --steps that follow is reported. One torch thread by default: on a shared CPU a
-second thread stalls whenever another process holds a core (bench/README.md has the numbers).
-
-Deviations from the brief: TRL's Qwen2.5-VL processor is built in memory (AutoProcessor on our checkpoint plus the
-tokenizer's chat template) and handed to the trainer, not written next to the model; our run ends by writing its
-final checkpoint and plot (train_grpo.main always does), after the timed steps.
+Both trainers run one after the other in this one process (same torch, threads and machine state), on:
+- the same checkpoint: a tiny random-init Qwen2.5-VL (ModelConfig.tiny) with the toy tokenizer, built once by
+  vlaa_min.toy_model under --out; our save_pretrained is HF format, so transformers loads it for TRL;
+- the same prompts in the same order (our EpochSampler's; TRL's dataset with shuffle off), with the paper's
+  system prompt (checked on the first record: TRL's processor yields exactly our prompt ids and pixels);
+- the same reward (rewards.compute_rewards as a TRL reward function);
+- the same GRPO: G samples, --new-tokens, temperature, top-p 1, the same stop tokens, fixed beta (k3 KL to a
+  frozen reference), clip 0.2, per-sequence token mean (TRL loss_type "grpo"), std-scaled advantages, all P x G
+  rollouts in one update of micro-batches of --micro-batch-size, the whole model trained, AdamW, grad clip 1,
+  CPU, fp32, no gradient checkpointing, no vLLM, no eval.
+Timing: ours = time_generate + time_reward + time_train of each step in metrics.jsonl; TRL = on_step_begin ->
+on_step_end of a TrainerCallback (TRL fetches the step's batches before on_step_begin, so the table also gives
+its on_step_end -> on_step_end interval). Each side runs --warmup steps first; the median of the --steps that
+follow is reported. One torch thread by default: on a shared CPU a second thread stalls whenever another process
+holds a core. TRL's processor is built in memory and handed to the trainer; our run ends by writing its final
+checkpoint and plot, after the timed steps.
 
 Runs in the bench venv (bench/README.md), never in the project's: TRL is a bench-only dependency.
     .venv-bench/bin/python bench/grpo_step.py

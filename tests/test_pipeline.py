@@ -1,4 +1,4 @@
-"""The six-step data pipeline (vlaa_min/pipeline.py): its text rules on hand cases, the HTTP backend against a
+"""The six-step data pipeline (the pipeline package): its text rules on hand cases, the HTTP backend against a
 local OpenAI-compatible server (errors, timeouts, malformed bodies, concurrency), crash-and-resume, and end-to-end
 runs with the toy model as every backend and with a scripted backend whose output the trainers load.
 """
@@ -18,8 +18,8 @@ import pytest
 
 import data
 import toyworld
-from vlaa_min import pipeline, prompts
-from vlaa_min.pipeline import ChatResult, OpenAIBackend
+import pipeline
+from pipeline import ChatResult, OpenAIBackend, prompts
 from vlaa_min.toy_model import build_toy_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -466,7 +466,7 @@ def test_killing_a_step_midway_and_rerunning_writes_each_record_once(tmp_path):
     in_path = write_jsonl(tmp_path / "in.jsonl", records)
     out = tmp_path / "out.jsonl"
     with ChatServer(respond) as server:
-        command = [sys.executable, "-m", "vlaa_min.pipeline", "distill", "--in", str(in_path), "--out", str(out),
+        command = [sys.executable, "-m", "pipeline", "distill", "--in", str(in_path), "--out", str(out),
                    "--backend", f"openai:{server.base_url}", "--model", "reasoner", "--concurrency", "2"]
         env = {key: value for key, value in os.environ.items() if key != "OPENAI_API_KEY"}
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

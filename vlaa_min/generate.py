@@ -1,40 +1,21 @@
 """The rollout engine: batched sampling of G completions per prompt with a static KV cache.
 
 GRPO spends most of its time here, so the engine does the minimum per generated token:
+1. Prefill each prompt ONCE (its images encoded once) into a KV cache of B x T_prompt slots. Prompts are left
+   padded, so every prompt's next-token logits are `lm_head(hidden[:, -1])` (the head runs on that column only).
+2. Hand the prompt cache and those logits to the G sample rows of each prompt (row = p * G + g). A
+   `GroupedKVCache` keeps the prompt's keys/values once, plus max_new_tokens slots per row. Every row draws its
+   OWN first token: drawing it before the hand-over would start all G samples of a group identically.
+3. Decode with fixed shapes: one token per row per step at the row's slot `step`, position next_position + step
+   on all three MRoPE axes. Finished rows are fed the pad token, with log-prob 0. The host checks "all rows
+   done" only every `sync_every` steps, so the loop never waits on the device for a single token.
+Sampling (sample_tokens): logits / temperature, top-k, top-p, one inverse-CDF draw per row; the returned
+log-probs are those of the unfiltered softmax(logits / temperature), what GRPO's ratio needs.
 
-1. Prefill each prompt ONCE (its images are encoded once) into a preallocated KV cache of B x T_prompt
-   slots. Prompts are left padded, so every prompt's last token sits in column T-1 and its next-token
-   logits are `lm_head(hidden[:, -1])` (the head runs on that column only).
-2. Hand the prompt cache and those logits to the G sample rows of each prompt (rows are prompt-major:
-   row = p * G + g). The prompt's keys/values are NOT copied G times: a `GroupedKVCache` keeps them once
-   plus max_new_tokens slots per row, and each decode step reads a prompt's keys/values once for its G
-   rows (decode is bound by reading keys/values, and the prompt is most of them). Every row then draws its
-   OWN first token -- drawing it before the copy would make all G samples of a group start identically.
-3. Decode with fixed shapes: one token per row per step, written at the row's generated slot `step`, position id
-   next_position + step on all three MRoPE axes (generated text is text). Rows that have emitted a stop
-   token keep being fed the pad token (their slots are never read by a live row: rows are independent);
-   their log-prob is 0 and they stop counting length. The host checks "all rows done" only every
-   `sync_every` steps, so the loop never waits on the device for a single token.
-
-Sampling: logits / temperature, then top-k, then top-p (nucleus: the smallest set of most likely tokens
-whose probability reaches top_p, never empty), then one draw per row by inverting the CDF: with
-U ~ Uniform[0, 1) the token is the first i whose cumulative probability reaches (1 - U) * total, a sample
-from the filtered softmax(logits / T). One uniform number per row and step (not one per vocabulary entry,
-as Gumbel-max needs: 151,936 per row for Qwen), drawn from the caller's torch.Generator into a preallocated
-buffer outside the (optionally compiled) step, so the same seed gives the same samples and the step stays a
-pure fixed-shape function.
-`greedy=True` takes the argmax and draws nothing.
-
-Returned log-probs are log softmax(logits / temperature)[token] of the UNFILTERED temperature-scaled
-distribution. With top_p=1 and top_k=0 that is exactly the distribution sampled from (what GRPO's ratio
-needs, and what a later forward pass with the same temperature recomputes); with top-k/top-p they are
-not renormalised over the kept tokens. Full-vocabulary logits are never kept beyond the current step.
-
-The paper samples G = 4 rollouts per prompt at temperature 0.8 (SPEC.md); those are the caller's
-SamplingParams. Deviations from transformers' generate: no repetition penalty, beam search or
-min_new_tokens; stopping is by stop token ids or max_new_tokens only; completions are trimmed to the
-longest row. `compile=True` wraps the decode step (model forward on one token + sampling) in
-torch.compile (default mode, one graph for all steps; on CPU with Inductor's C++ wrapper); tests run eager.
+The paper samples G = 4 rollouts per prompt at temperature 0.8 (the caller's SamplingParams). Deviations from
+transformers' generate: no repetition penalty, beam search or min_new_tokens; stopping is by stop token ids or
+max_new_tokens only; completions are trimmed to the longest row. `compile=True` wraps the decode step in
+torch.compile (one graph for all steps); tests run eager.
 
 Usage:
     engine = Engine(model, pad_token_id=processor.pad_token_id)         # compile=True on GPU
@@ -136,7 +117,11 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens (N,) and their log-probs (N,) float32 under the unfiltered softmax(logits / temperature).
 
-    uniform: (N,) Uniform[0, 1) draws, one per row (ignored when greedy).
+    uniform: (N,) Uniform[0, 1) draws, one per row (ignored when greedy). One number per row, not one per
+    vocabulary entry as Gumbel-max needs; the caller draws them from its torch.Generator outside the (optionally
+    compiled) step, so the same seed gives the same samples and the step stays a pure fixed-shape function.
+    With top_p = 1 and top_k = 0 the log-probs are those of the distribution sampled from (what a later forward
+    pass at the same temperature recomputes); with top-k / top-p they are not renormalised over the kept tokens.
     """
     scaled = logits.float() / params.temperature  # (N, V)
     allowed = scaled
@@ -162,8 +147,8 @@ class Engine:
         self.sync_every = sync_every
         self.compiled = compile
         # The decode step has fixed shapes, so one compiled graph serves every step of a generate call. On CPU the
-        # C++ wrapper calls the ~80 kernels and matmuls of a step without a Python round trip each (~12% of a step
-        # on the 2-core CPU, bench/decode_step.py); on GPU the default Python wrapper is kept.
+        # C++ wrapper calls the step's kernels without a Python round trip each (docs/speed.md has what that
+        # saves); on GPU the default Python wrapper is kept.
         on_cpu = model.lm_head.weight.device.type == "cpu"
         options = {"cpp_wrapper": True} if on_cpu else None
         self._step = torch.compile(self._decode_step, dynamic=False, options=options) if compile else self._decode_step

@@ -126,8 +126,8 @@ def masked_logprobs(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """(B, T) log-probs of the masked tokens given everything before them (0 elsewhere), as one plain forward
-    would give them, but the leading tokens every row shares (an SFT batch's system prompt: ~60% of a toy
-    sample) run once, for row 0, and reach the other rows as a PrefixKV."""
+    would give them, but the leading tokens every row shares (an SFT batch's system prompt) run once, for row 0,
+    and reach the other rows as a PrefixKV."""
     batch = input_ids.shape[0]
     shared = shared_prefix_length(input_ids, position_ids, attention_mask, target_mask, model.config.image_token_id)
     prefix = None

@@ -9,29 +9,20 @@ What is in here, top to bottom (the configs live in config.py, the key/value cac
     features scattered into the <|image_pad|> positions, tied or untied lm_head; its attention
     writes to and reads from a `KVCache` (prefill), a `GroupedKVCache` (decode, each prompt's
     keys/values once for its G samples) or a `PrefixKV` (training, a shared prefix run once);
-  * `VLModel.from_pretrained` / `save_pretrained`: Hugging Face checkpoints (config.json +
-    safetensors, single file or sharded) that transformers' Qwen2VLForConditionalGeneration /
-    Qwen2_5_VLForConditionalGeneration load and save.
+  * `VLModel.from_pretrained` / `save_pretrained`: Hugging Face checkpoints (config.json + safetensors,
+    single file or sharded), the ones transformers loads and saves.
 
 The paper trains the released Qwen2-VL / Qwen2.5-VL checkpoints, so this is their architecture
-unchanged (logits match transformers 5.24 to 1e-4 in fp32, tests/test_model.py). Differences from
+unchanged (its logits match transformers' in fp32: tests/test_model.py). Differences from
 transformers' code: videos are not supported (images only); sliding-window attention in the decoder
 (off in every released checkpoint) is refused; all attention goes through torch's
 scaled_dot_product_attention (images / windows are padded into one batch of segments with a key
 mask instead of a flash-attention varlen call); a padding query attends to itself (never NaN).
 
-Masks and the cache: the decoder mask is (valid key) & (key slot <= query slot), plus the query's
-own slot. Without a cache slots are sequence indices; with a `KVCache` the new tokens are written at
-`cache_position` and attend over all S_max slots, `cache.valid` marking slots that hold real tokens,
-so every decode step has the same shapes (torch.compile-friendly: no .item() in a decode step).
-A one-token step on a cache needs no causal mask (slots are filled in order); with a `PrefixKV` the
-new tokens see every valid prefix slot and each other causally.
-
 Usage:
     model = VLModel.from_pretrained("path/to/Qwen2.5-VL-3B-Instruct", dtype=torch.bfloat16, device="cuda")
-    position_ids = mrope_position_ids(input_ids, attention_mask, image_grid_thw,
-                                      image_token_id=model.config.image_token_id,
-                                      spatial_merge_size=model.config.vision.spatial_merge_size)
+    position_ids = mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id=...,
+                                      spatial_merge_size=...)  # vlaa_min/rope.py
     logits = model(input_ids, position_ids, attention_mask, pixel_values, image_grid_thw)  # (B, T, V)
     model.save_pretrained("runs/step_100")
 """
@@ -506,7 +497,14 @@ class VLModel(nn.Module):
 
     def _decode(self, input_ids, position_ids, attention_mask, pixel_values, image_grid_thw, cache=None,
                 cache_position=None, prefix=None) -> tuple[torch.Tensor, list]:
-        """Embed (images scattered in), mask, run the decoder: hidden (B, T, D) and each layer's new k/v."""
+        """Embed (images scattered in), mask, run the decoder: hidden (B, T, D) and each layer's new k/v.
+
+        The mask is (valid key) & (key slot <= query slot), plus the query's own slot. Without a cache, slots are
+        sequence indices; with a `KVCache` the new tokens are written at `cache_position` and attend over all
+        S_max slots, `cache.valid` marking the ones that hold real tokens, so every decode step has the same
+        shapes (no .item()). A one-token step on a cache needs no causal mask (slots fill in order); with a
+        `PrefixKV` the new tokens see every valid prefix slot and each other causally.
+        """
         batch, length = input_ids.shape
         if position_ids.shape != (3, batch, length):
             raise ValueError(f"position_ids must be (3, {batch}, {length}), got {tuple(position_ids.shape)}")

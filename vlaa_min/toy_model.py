@@ -39,9 +39,8 @@ def corpus_texts(data_dir: str) -> list[str]:
 
 
 # Weight init std of the toy model. Qwen's 0.02 suits d_model >= 1024; at d_model = 128 it starts every attention
-# logit near 0 (std ~0.05), and SFT then sits on a long plateau where the model ignores the question: after 2,400
-# steps it still could not copy "triangle" from "What color is the triangle?" into "The triangle is ..." (loss
-# ln 3 on that token). At 0.1 the logits start at std ~1 and the copy is learned within 700 steps.
+# logit near 0, and training sits on a long plateau where the model ignores the question (it cannot copy
+# "triangle" from "What color is the triangle?" into "The triangle is ..."). At 0.1 the logits start at std ~1.
 TOY_INIT_STD = 0.1
 
 

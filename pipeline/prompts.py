@@ -1,4 +1,4 @@
-"""The prompts of the VLAA-Thinking data pipeline (vlaa_min/pipeline.py), all in one place.
+"""The prompts of the VLAA-Thinking data pipeline (pipeline/steps.py), all in one place.
 
 The paper names the models of each step (GPT-4o captions, DeepSeek-R1 distils, an LLM rewrites and judges) but
 does not print its prompts; these are written for vlaa-min from the paper's description of each step:
