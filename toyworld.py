@@ -1,42 +1,28 @@
-"""The offline toy world: drawn shape scenes with questions of all five reward types, and a flawed teacher.
+"""The offline toy world: drawn shape scenes, questions of all five reward types, and a flawed teacher.
 
-It is the embedded default data set of vlaa-min (no downloads, deterministic from a seed), written in the
-VLAA-Thinking record format, so training and evaluation read it through the same data.py code path as the real
-data set.
+The embedded default data set (no downloads, deterministic from a seed), written in the VLAA-Thinking record
+format, so training and evaluation read it through the same data.py path as the real data set.
 
-Images: 112x112 RGB, a 4x4 grid of 28-px cells (28 px = one merged vision token of Qwen2-VL). Each cell's floor is
-its own shade of grey, so every image token carries where it is (Qwen's vision tower has no absolute positions).
-1-5 shapes, each centred in its own cell: circle, square or triangle; red, green, blue or yellow; 22 px, drawn
-without anti-aliasing. The scene graph is kept in meta["scene"] (the format rewards.ToySceneScorer reads).
-
-Questions (weighted: record i gets TYPE_CYCLE[i % 20], i.e. digit 30%, math 30%, open 20%, mcq 10%, iou 10%):
-  digit  "How many red shapes are there?" (the count is drawn flat over 0..4 first)     gt "2"
-  math   "What is the number of red shapes plus the number of blue shapes?"             gt "3"
-  open   "Describe the image."  gt minimal on purpose: "There are 3 shapes."; the taught description adds a
-         count per colour ("There are 3 shapes: 2 red shapes and 1 blue shape."), which scores above it
-  mcq    "What color is the circle?" with the options always A. red B. green C. blue D. yellow   gt "C"
-  iou    "Give the bounding box of the blue circle."                                      gt "[0.28, ...]"
+Images: 112x112, a 4x4 grid of 28-px cells (one merged vision token each), every cell's floor its own grey (so
+each image token carries where it is); 1-5 shapes (circle/square/triangle, red/green/blue/yellow), one per cell.
+Questions, weighted by TYPE_CYCLE (digit 30%, math 30%, open 20%, mcq 10%, iou 10%): how many red shapes; red
+plus blue shapes; describe the image (gt minimal on purpose: "There are 3 shapes."; a count per colour beats it);
+the colour of the circle (options always A. red B. green C. blue D. yellow); the box of the blue circle.
 
 Three targets per record, one for each training stage we imitate:
-  meta["direct_answer"]  a short answer from a flawed teacher: trains the toy "instruct" base. The teacher sees
-                         the scene through a captioner that counts every shape twice, for a share
-                         teacher_error_rate (0.7) of the records: its counts, sums and descriptions are wrong there
-                         (meta["teacher_wrong"]), unless the count is 0. mcq and iou do not depend on counts.
-                         The base learns the error as its most likely answer, and the right one as a runner-up:
-                         exactly what a verifiable reward can select, and what more SFT on the same data cannot fix.
-  "answer"               a clean reasoning trace, right by construction (the paper's step 5 keeps only traces whose
-                         answer matches gt): the counts it needs, colour by colour, then the answer.
-  meta["pseudo_answer"]  the distilled "pseudo reasoning" the paper blames for SFT hurting RL: a hesitant opener,
-                         the clean steps, then a detour ("Wait, let me double-check ... hmm"). With probability
-                         pseudo_flip_rate (0.3) the detour revises the right step into a near-miss wrong answer
-                         (meta["pseudo_flipped"]); the flip is a coin independent of the image, so SFT can only learn
-                         "after the detour, sometimes change your answer".
+  meta["direct_answer"]  the flawed teacher's short answer; it trains the toy "instruct" base. For a share
+                         teacher_error_rate (0.7) of the records the teacher counts every shape twice, so its
+                         counts, sums and descriptions are wrong (meta["teacher_wrong"]). The base learns the error
+                         as its likeliest answer and the truth as a runner-up: what a verifiable reward can select.
+  "answer"               a clean trace, right by construction (the paper's step 5 keeps traces whose answer
+                         matches gt): the counts it needs, colour by colour, then the answer.
+  meta["pseudo_answer"]  "pseudo reasoning": a hesitant opener, the clean steps, a detour ("Wait, let me
+                         double-check"); with probability pseudo_flip_rate (0.3), a coin independent of the image,
+                         the detour revises the answer into a near miss (meta["pseudo_flipped"]).
 
-Files written by build_world(out_dir): images/<split>_<index>.png and, in the VLAA-Thinking JSON format, base.json
-(direct answers as "answer"), sft.json (clean traces), sft_pseudo.json (pseudo traces as "answer"; base.json and
-sft_pseudo.json keep the clean trace in meta["clean_answer"]), rl.json, test.json, and world.json (sizes, seeds,
-rates, version), written last so that its presence means the world is complete. Splits use distinct seeds, and no
-(scene, question) pair repeats across or within them: build_world checks this before writing.
+Files (build_world): images/, base.json (direct answers), sft.json (clean traces), sft_pseudo.json (pseudo
+traces), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no (scene,
+question) pair.
 
     python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--pseudo-flip-rate 0.3] [--base-size ...]
 """

@@ -18,7 +18,7 @@ controller ("KL2": init 1e-3, target 5e-4) or stays fixed (--kl-target 0); --kl-
 
 Paper (OpenRLHF) vs here: G = 4, temperature 0.8, 512 prompts per rollout, train batch 256, cosine LR with 3%
 warmup to a 5e-7 floor, eps 0.2, 1024 new tokens: `make grpo` with MODEL/DATA/IMAGES uses those. The toy default
-shrinks batch and length for a 2-core CPU and raises the LR; clip-higher (DAPO), Dr. GRPO's aggregation, mu > 1
+shrinks batch and length for a 2-core CPU, raises the LR and warms up over 10%; clip-higher (DAPO), Dr. GRPO's aggregation, mu > 1
 and dropping zero-variance groups are options, off by default. The vision tower is frozen by default.
 
     make grpo                                   # toy world, CPU: data + base if missing, then GRPO and eval
