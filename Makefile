@@ -18,16 +18,7 @@ IMAGES ?=
 TRACES ?= clean
 ARGS   ?=
 
-# The toy "instruct" base: a fixed budget, the same for every experiment (README: what it reaches). An interrupted
-# base resumes from its last checkpoint.
-BASE_ARGS ?= --steps 1500 --batch-size 16 --micro-batch-size 16 --lr 1e-3 --warmup-ratio 0.05 --freeze-vision false \
-             --eval-every 250 --save-every 250 --resume true
-# SFT on the toy reasoning traces, from the base.
-SFT_ARGS  ?= --steps 150 --batch-size 32 --micro-batch-size 16 --lr 1e-3 --freeze-vision false --eval-every 50
-# The paper's GRPO configuration (OpenRLHF defaults where the paper is silent) for real checkpoints on one GPU.
-PAPER_GRPO_ARGS ?= --prompts-per-step 512 --group-size 4 --train-batch-size 256 --micro-batch-size 8 --steps 49 \
-                   --max-new-tokens 1024 --lr 5e-6 --warmup-ratio 0.03 --kl-init 1e-3 --kl-target 5e-4 --eval-data none \
-                   --save-every 5
+# Every recipe is a named preset in vlaa_min/presets.py (toy-base, toy-sft, toy, paper); ARGS overrides any value.
 
 .PHONY: install test test-slow data base sft grpo eval plot experiment bench clean
 
@@ -59,7 +50,7 @@ base: $(RUNS)/base/model/config.json
 
 $(RUNS)/base/model/config.json: $(RUNS)/toy-init/config.json
 	$(PY) train_sft.py --model $(RUNS)/toy-init --data $(TOY)/base.json --images $(TOY)/images \
-	  --out $(RUNS)/base $(BASE_ARGS)
+	  --out $(RUNS)/base --preset toy-base --resume true
 
 ifeq ($(TRACES),pseudo)
 SFT_DATA := $(TOY)/sft_pseudo.json
@@ -69,19 +60,19 @@ endif
 
 ifneq ($(MODEL),)
 sft: $(STAMP)
-	$(PY) train_sft.py --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/sft $(ARGS)
+	$(PY) train_sft.py --preset paper --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/sft $(ARGS)
 
 grpo: $(STAMP)
-	$(PY) train_grpo.py --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/grpo $(PAPER_GRPO_ARGS) $(ARGS)
+	$(PY) train_grpo.py --preset paper --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/grpo $(ARGS)
 else
 sft: $(RUNS)/base/model/config.json
 	$(PY) train_sft.py --model $(RUNS)/base/model --data $(SFT_DATA) --images $(TOY)/images \
-	  --out $(RUNS)/sft-$(TRACES) $(SFT_ARGS) $(ARGS)
+	  --out $(RUNS)/sft-$(TRACES) --preset toy-sft $(ARGS)
 
 # GRPO from the toy base (a new run each time), then the control: the base with as much more SFT on its own data.
 grpo: $(RUNS)/base/model/config.json
 	$(PY) train_grpo.py --model $(RUNS)/base/model --data $(TOY)/rl.json --images $(TOY)/images \
-	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo --overwrite true $(ARGS)
+	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo --preset toy --overwrite true $(ARGS)
 	$(PY) control.py --base $(RUNS)/base --grpo $(RUNS)/grpo --out $(RUNS)/grpo-control
 endif
 

@@ -1,9 +1,10 @@
 """The paper's SFT-vs-RL study in miniature, on the toy world: one command, one table, one figure.
 
-Runs, all from the same toy "instruct" base (`make base`) and with the same GRPO budget:
+Runs, all from the same toy "instruct" base (`make base`), SFT with the "toy-sft" preset and every GRPO run with
+the "toy" one (vlaa_min/presets.py):
     base                  the starting point (evaluated only)
-    sft-clean             SFT on clean reasoning traces          (VLAA-Thinking-SFT analog)
-    sft-pseudo            SFT on hesitant "pseudo reasoning" traces ("wait", "double-check", revised answers)
+    sft-clean             SFT on clean (verified) reasoning traces
+    sft-pseudo            SFT on hesitant "pseudo reasoning" traces    (the paper's distilled SFT data)
     grpo                  GRPO from the base                     (the paper: best)
     sft-clean+grpo        GRPO after clean SFT
     sft-pseudo+grpo       GRPO after pseudo SFT                  (the paper: SFT then GRPO ends lower)
@@ -23,6 +24,7 @@ import train_grpo
 import train_sft
 from vlaa_min.cli import parse_config, print_config
 from vlaa_min.metrics import plot_curves
+from vlaa_min.presets import make_config
 
 
 @dataclass
@@ -30,8 +32,6 @@ class ExperimentConfig:
     base: str = field(default="runs/base/model", metadata={"help": "the toy instruct base (make base)"})
     toy: str = field(default="toy", metadata={"help": "toy world directory (make data)"})
     out: str = field(default="runs/experiment", metadata={"help": "where every run and the report go"})
-    sft_steps: int = field(default=150, metadata={"help": "SFT optimizer steps (both trace styles)"})
-    sft_lr: float = field(default=1e-3, metadata={"help": "SFT peak learning rate"})
     grpo_steps: int = field(default=80, metadata={"help": "GRPO rollout steps (the same for every GRPO run)"})
     grpo_max_new_tokens: int = field(default=256, metadata={"help": "completion budget: traces are long after SFT"})
     eval_size: int = field(default=500, metadata={"help": "held-out records evaluated"})
@@ -40,10 +40,9 @@ class ExperimentConfig:
 def run_sft(cfg: ExperimentConfig, name: str, data_file: str) -> str:
     out = os.path.join(cfg.out, name)
     if not os.path.exists(os.path.join(out, "model", "config.json")):
-        train_sft.main(train_sft.SFTConfig(model=cfg.base, data=os.path.join(cfg.toy, data_file),
-                                           images=os.path.join(cfg.toy, "images"), out=out, steps=cfg.sft_steps,
-                                           batch_size=32, micro_batch_size=16, lr=cfg.sft_lr, freeze_vision=False,
-                                           eval_every=0, save_every=50, resume=True))
+        train_sft.main(make_config(train_sft.SFTConfig, "toy-sft", model=cfg.base,
+                                   data=os.path.join(cfg.toy, data_file), images=os.path.join(cfg.toy, "images"),
+                                   out=out, eval_every=0, save_every=50, resume=True))
     return os.path.join(out, "model")
 
 
@@ -51,10 +50,11 @@ def run_grpo(cfg: ExperimentConfig, name: str, model: str) -> dict:
     out = os.path.join(cfg.out, name)
     history_file = os.path.join(out, "history.json")
     if not os.path.exists(history_file):
-        history = train_grpo.main(train_grpo.GRPOConfig(
-            model=model, data=os.path.join(cfg.toy, "rl.json"), images=os.path.join(cfg.toy, "images"),
-            eval_data=os.path.join(cfg.toy, "test.json"), eval_size=cfg.eval_size, out=out, steps=cfg.grpo_steps,
-            max_new_tokens=cfg.grpo_max_new_tokens, save_every=20, resume=True))
+        history = train_grpo.main(make_config(
+            train_grpo.GRPOConfig, "toy", model=model, data=os.path.join(cfg.toy, "rl.json"),
+            images=os.path.join(cfg.toy, "images"), eval_data=os.path.join(cfg.toy, "test.json"),
+            eval_size=cfg.eval_size, out=out, steps=cfg.grpo_steps, max_new_tokens=cfg.grpo_max_new_tokens,
+            save_every=20, resume=True))
         with open(history_file, "w") as f:
             json.dump(history, f)
     with open(history_file) as f:

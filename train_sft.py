@@ -18,11 +18,11 @@ schedule (cosine, warmup 3%, floor 0.1 x peak: the GRPO stage's shape) and batch
 the vision tower is trained (`make base` starts from random weights, so nothing could see otherwise).
 
 Runs:
-    make base                       # toy "instruct" base from a fresh tiny model (fixed budget, see Makefile)
+    make base                       # toy "instruct" base from a fresh tiny model (preset toy-base)
     make sft  [TRACES=pseudo]       # SFT on the toy reasoning traces, starting from the base
     python train_sft.py --model runs/base/model --data toy/sft.json --images toy/images --out runs/sft
-    python train_sft.py --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json --images images \
-        --batch-size 128 --micro-batch-size 4 --lr 1e-5 --epochs 1 --out runs/sft-3b
+    python train_sft.py --preset paper --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json \
+        --images images --out runs/sft-3b
 Resume an interrupted run with the same command plus --resume true (--overwrite true starts it again).
 """
 

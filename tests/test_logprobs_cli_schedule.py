@@ -1,4 +1,5 @@
-"""Chunked log-probs equal the plain full-vocabulary computation; config flags parse; the LR schedule's shape."""
+"""Chunked log-probs equal the plain full-vocabulary computation; config flags and presets parse; the LR schedule's
+shape."""
 
 import dataclasses
 import math
@@ -6,7 +7,10 @@ import math
 import pytest
 import torch
 
+import train_grpo
+import train_sft
 from vlaa_min.cli import parse_config
+from vlaa_min.presets import make_config, presets_of
 from vlaa_min.logprobs import sequence_logprobs
 from vlaa_min.schedule import cosine_with_warmup, lr_at
 
@@ -49,6 +53,27 @@ def test_flags_are_derived_from_the_dataclass_with_real_bools():
     assert parse_config(_Config, ["--model", "none"]).model is None
     with pytest.raises(SystemExit):
         parse_config(_Config, ["--freeze-vision", "maybe"])
+
+
+
+@pytest.mark.parametrize("config_cls", [train_sft.SFTConfig, train_grpo.GRPOConfig])
+def test_every_preset_names_real_fields_and_builds(config_cls):
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for name, values in presets_of(config_cls).items():
+        assert set(values) <= fields, (name, set(values) - fields)
+        config = make_config(config_cls, name)
+        assert all(getattr(config, key) == value for key, value in values.items()), name
+
+
+def test_a_preset_sets_defaults_and_flags_override_it():
+    recipe = presets_of(train_sft.SFTConfig)["toy-base"]
+    cfg = parse_config(train_sft.SFTConfig, ["--preset", "toy-base", "--lr", "2e-3"])
+    assert cfg.lr == 2e-3 and cfg.steps == recipe["steps"] and cfg.batch_size == recipe["batch_size"]
+    assert parse_config(train_sft.SFTConfig, []).steps == 0  # no preset: the dataclass defaults
+    with pytest.raises(SystemExit):
+        parse_config(train_sft.SFTConfig, ["--preset", "no-such-recipe"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config(train_grpo.GRPOConfig, "no-such-recipe")
 
 
 def test_cosine_schedule_shape():

@@ -20,6 +20,8 @@ import os
 import sys
 import typing
 
+from vlaa_min.presets import presets_of
+
 
 class UserError(Exception):
     """Bad input or a run that cannot go on: the message says what and where; no traceback is shown."""
@@ -77,11 +79,19 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
 
 
 def parse_config(config_cls, argv: list[str] | None = None, description: str | None = None):
-    """Parse argv into an instance of config_cls (runs its __post_init__ checks)."""
+    """Parse argv into an instance of config_cls (runs its __post_init__ checks). A class with named recipes in
+    vlaa_min.presets also takes `--preset NAME`: the preset's values replace the defaults, flags override both."""
     parser = build_parser(config_cls, description)
-    args = parser.parse_args(argv)
+    recipes = presets_of(config_cls)
+    if recipes:
+        parser.add_argument("--preset", choices=sorted(recipes), default=None,
+                            help="a named recipe (vlaa_min/presets.py); other flags override its values")
+        chosen = parser.parse_known_args(argv)[0].preset
+        parser.set_defaults(**recipes.get(chosen, {}))
+    args = vars(parser.parse_args(argv))
+    args.pop("preset", None)
     try:
-        return config_cls(**vars(args))
+        return config_cls(**args)
     except ConfigError as error:
         parser.error(str(error))  # usage line + message, exit code 2
 
