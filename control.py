@@ -1,7 +1,7 @@
 """The control that makes GRPO's gain RL's own: the same base, trained as long with more SFT on its own data.
 
-A gain after GRPO could come from any extra training. So the control continues the base's own recipe (its data,
-batch size, and the learning rate its cosine schedule ended at, held constant) for as long as the GRPO run trained:
+A gain after GRPO could come from any extra training. So the control continues the base's own recipe (its saved
+config: data, batch size, ..., at the learning rate its cosine schedule ended at, held constant) for as long as the GRPO run trained:
 the sum of its steps' generate + reward + train seconds, turned into SFT steps with the base run's own mean step
 time (evaluations excluded on both sides). Then it evaluates the result greedily on the GRPO run's held-out records
 with the same rules, and prints the three rows: the base, the base + GRPO, the base + the same time of SFT.
@@ -12,6 +12,7 @@ while GRPO's reward pays for the right answer: the control measures how much of 
     python control.py --base runs/base --grpo runs/grpo --out runs/grpo-control     (make grpo runs it)
 """
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,9 +21,9 @@ import torch
 
 import data
 import eval as evaluation
-import rewards
+import train_grpo
 import train_sft
-from vlaa_min.cli import UserError, print_config, run_script
+from vlaa_min.cli import UserError, load_config, print_config, run_script
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
@@ -34,13 +35,6 @@ class ControlConfig:
     base: str = field(default="runs/base", metadata={"help": "the base's SFT run folder (make base)"})
     grpo: str = field(default="runs/grpo", metadata={"help": "the GRPO run folder to match (it starts from base)"})
     out: str = field(default="runs/grpo-control", metadata={"help": "run folder of the control (replaced if there)"})
-
-
-def read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        raise UserError(f"{path} is missing: control.py needs a finished base run and a finished GRPO run")
-    with open(path) as f:
-        return json.load(f)
 
 
 def grpo_train_seconds(rows: list[dict]) -> float:
@@ -58,42 +52,41 @@ def control_steps(grpo_seconds: float, base_rows: list[dict]) -> int:
 
 def main(cfg: ControlConfig) -> dict:
     print_config(cfg)
-    base_cfg = read_json(os.path.join(cfg.base, "config.json"))
-    grpo_cfg = read_json(os.path.join(cfg.grpo, "config.json"))
-    history = read_json(os.path.join(cfg.grpo, "eval.json"))
+    base_cfg = load_config(train_sft.SFTConfig, os.path.join(cfg.base, "config.json"))
+    grpo_cfg = load_config(train_grpo.GRPOConfig, os.path.join(cfg.grpo, "config.json"))
+    eval_json = os.path.join(cfg.grpo, "eval.json")
+    if not os.path.exists(eval_json):
+        raise UserError(f"{eval_json} is missing: control.py needs a finished GRPO run with held-out evaluations")
+    with open(eval_json) as f:
+        history = json.load(f)
     grpo_seconds = grpo_train_seconds(read_metrics(os.path.join(cfg.grpo, "metrics.jsonl")))
     steps = control_steps(grpo_seconds, read_metrics(os.path.join(cfg.base, "metrics.jsonl")))
     print(f"GRPO trained for {grpo_seconds:.0f} s: the control gets {steps} SFT steps of the base recipe")
 
-    model_dir = train_sft.main(train_sft.SFTConfig(
-        model=os.path.join(cfg.base, "model"), data=base_cfg["data"], images=base_cfg["images"], out=cfg.out,
-        steps=steps, batch_size=base_cfg["batch_size"], micro_batch_size=base_cfg["micro_batch_size"],
-        lr=base_cfg["lr"] * base_cfg["min_lr_ratio"], warmup_ratio=0.0, min_lr_ratio=1.0,
-        freeze_vision=base_cfg["freeze_vision"], eval_every=0, seed=base_cfg["seed"], device=base_cfg["device"],
-        precision=base_cfg["precision"], overwrite=True))
+    # The base's own recipe, continued from its final model at the learning rate its schedule ended with.
+    model_dir = train_sft.main(dataclasses.replace(
+        base_cfg, model=os.path.join(cfg.base, "model"), out=cfg.out, steps=steps,
+        lr=base_cfg.lr * base_cfg.min_lr_ratio, warmup_ratio=0.0, min_lr_ratio=1.0, eval_every=0, save_every=0,
+        resume=False, overwrite=True))
 
-    # The GRPO run's held-out records, length budget and reward rules.
-    records = data.load_records(grpo_cfg["eval_data"], grpo_cfg["images"])
-    records = records[: grpo_cfg["eval_size"]] if grpo_cfg["eval_size"] else records
-    device = resolve_device(grpo_cfg["device"])
+    # Evaluated as the GRPO run evaluated itself: its held-out records, length budget and reward rules.
+    records = data.load_records(grpo_cfg.eval_data, grpo_cfg.images)
+    records = records[: grpo_cfg.eval_size] if grpo_cfg.eval_size else records
+    device = resolve_device(grpo_cfg.device)
     model = VLModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
-    summary, _ = evaluation.evaluate(model, Processor.from_pretrained(model_dir), records, grpo_cfg["images"],
-                                     precision=resolve_dtype(grpo_cfg["precision"], device),
-                                     max_new_tokens=grpo_cfg["max_new_tokens"],
-                                     batch_size=grpo_cfg["eval_batch_size"],
-                                     reward_config=rewards.RewardConfig(require_think=grpo_cfg["require_think"],
-                                                                        open_scorer=grpo_cfg["open_scorer"]))
-    rows = {"base": history["before"], f"+ GRPO ({grpo_cfg['steps']} steps)": history["after"],
+    summary = train_grpo.evaluate_split(model, Processor.from_pretrained(model_dir), None, records, grpo_cfg,
+                                        train_grpo.reward_config(grpo_cfg), resolve_dtype(grpo_cfg.precision, device))
+    rows = {"base": history["before"], f"+ GRPO ({grpo_cfg.steps} steps)": history["after"],
             f"+ SFT on its own data, as long ({steps} steps)": summary}
     table = evaluation.markdown_table(rows)
     with open(os.path.join(cfg.out, "eval.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(cfg.out, "eval.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    gain = {name: 100 * (row["accuracy"] - history["before"]["accuracy"]) for name, row in rows.items()}
-    names = list(rows)
+    before = history["before"]["accuracy"]
     print(f"held-out accuracy (%), greedy, {len(records)} questions:\n{table}")
-    print(f"gain over the base: GRPO {gain[names[1]]:+.1f} points, the same time of SFT {gain[names[2]]:+.1f}")
+    print(f"gain over the base: GRPO {100 * (history['after']['accuracy'] - before):+.1f} points, "
+          f"the same time of SFT {100 * (summary['accuracy'] - before):+.1f}")
     return rows
 
 

@@ -314,11 +314,11 @@ def generate_split(
         # Counts are drawn flat over 0..4 first, so that guessing the commonest count earns only ~20%.
         target_count = str(rng.randrange(5)) if kind == "digit" else None
         # The rates get their own generator, so that changing one moves no scene, question or other target.
-        teacher_wrong = random.Random(f"{seed}:{index}:teacher").random() < teacher_error_rate
+        double_counts = random.Random(f"{seed}:{index}:teacher").random() < teacher_error_rate
         while True:  # resample until the scene supports the question (and count) and the pair is new
             objects = sample_scene(rng)
             counts = color_counts(objects)
-            teacher = color_counts(objects, overcount=teacher_wrong)
+            teacher = color_counts(objects, overcount=double_counts)
             spec = BUILDERS[kind](objects, counts, teacher, rng)
             if spec is None or target_count not in (None, spec["gt"]):
                 continue

@@ -121,3 +121,12 @@ def save_config(config, path: str) -> None:
     with open(tmp, "w") as f:
         json.dump(config if isinstance(config, dict) else config_to_dict(config), f, indent=2)
     os.replace(tmp, path)
+
+
+def load_config(config_cls, path: str):
+    """The config a run saved with save_config, as config_cls (other saved keys, e.g. input hashes, are left out)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: is the run folder finished?")
+    with open(path) as f:
+        saved = json.load(f)
+    return config_cls(**{f.name: saved[f.name] for f in dataclasses.fields(config_cls) if f.name in saved})
