@@ -24,7 +24,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vlaa_min.checkpoint import atomic_directory, load_state_dict, save_state_dict
 from vlaa_min.cache import GroupedKVCache, KVCache
 from vlaa_min.config import ModelConfig
-from vlaa_min.model import VLModel, attention_mask_4d
+from vlaa_min.model import VLModel, _hf_to_ours, attention_mask_4d
 from vlaa_min.rope import mrope_position_ids, next_position_ids
 from tests.helpers import randomize_
 
@@ -481,3 +481,29 @@ def test_sharded_state_dict_round_trip(tmp_path):
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_state_dict(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_real_widths_match_transformers_parameter_for_parameter(size):
+    """ModelConfig.qwen2_5_vl builds the released checkpoints' tensors: same names and shapes as transformers
+    builds from the same config.json (on the meta device, so full depth costs no memory)."""
+    config = ModelConfig.qwen2_5_vl(size)
+    with torch.device("meta"):
+        ours = VLModel(config)
+        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config.to_hf_dict()))
+    ours_shapes = {name: tuple(p.shape) for name, p in ours.state_dict().items()}
+    hf_shapes = {_hf_to_ours(name): tuple(p.shape) for name, p in hf.state_dict().items()}
+    if config.tie_word_embeddings:
+        hf_shapes.pop("lm_head.weight", None)
+        ours_shapes.pop("lm_head.weight", None)
+    assert ours_shapes == hf_shapes
+    billions = sum(p.numel() for p in ours.parameters()) / 1e9
+    assert billions == pytest.approx({"3b": 3.75, "7b": 8.29}[size], abs=0.01)  # the hub's model cards: 3.75B, 8.29B
+
+
+def test_real_widths_cut_to_a_cpu_size():
+    config = ModelConfig.qwen2_5_vl("3b", layers=2, vision_depth=2)
+    assert (config.text.num_hidden_layers, config.vision.depth, config.vision.fullatt_block_indexes) == (2, 2, [1])
+    assert (config.text.vocab_size, config.text.head_dim, config.vision.out_hidden_size) == (151936, 128, 2048)
+    with pytest.raises(ValueError, match="size must be one of"):
+        ModelConfig.qwen2_5_vl("13b")

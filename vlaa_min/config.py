@@ -1,7 +1,8 @@
 """Configs of Qwen2-VL / Qwen2.5-VL: `VisionConfig`, `TextConfig`, `ModelConfig`.
 
 `ModelConfig.from_hf_dict` reads the hub's flat legacy config.json and the nested layout transformers 5 writes;
-`to_hf_dict` writes the nested layout. `ModelConfig.tiny` is the ~1M-parameter config of the tests and the toy world.
+`to_hf_dict` writes the nested layout. `ModelConfig.tiny` is the ~1M-parameter config of the tests and the toy world;
+`ModelConfig.qwen2_5_vl("3b" | "7b")` gives the released checkpoints' widths (random weights: benches, memory plans).
 """
 
 import dataclasses
@@ -56,6 +57,15 @@ class TextConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+# The released checkpoints' decoders (the vision tower is the same in both): (TextConfig fields, tie_word_embeddings).
+QWEN2_5_VL_TEXT = {
+    "3b": (dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2), True),
+    "7b": (dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4), False),
+}
 
 
 @dataclass
@@ -253,6 +263,25 @@ class ModelConfig:
             "text_config": text_d,
             "vision_config": vision_d,
         }
+
+    @classmethod
+    def qwen2_5_vl(cls, size: str, layers: int | None = None, vision_depth: int | None = None) -> "ModelConfig":
+        """The widths of Qwen2.5-VL-3B/7B-Instruct's config.json; layers / vision_depth cut the depth to fit a CPU.
+
+        A cut vision tower keeps its last block full-attention, as every full-depth stage ends with one.
+        """
+        if size not in QWEN2_5_VL_TEXT:
+            raise ValueError(f"ModelConfig.qwen2_5_vl: size must be one of {sorted(QWEN2_5_VL_TEXT)}, got {size!r}")
+        text_fields, tie = QWEN2_5_VL_TEXT[size]
+        text = TextConfig(**text_fields, max_position_embeddings=128000)
+        vision = VisionConfig(out_hidden_size=text.hidden_size)
+        if layers is not None:
+            text.num_hidden_layers = layers
+        if vision_depth is not None:
+            vision.depth = vision_depth
+            vision.fullatt_block_indexes = [i for i in vision.fullatt_block_indexes if i < vision_depth - 1]
+            vision.fullatt_block_indexes.append(vision_depth - 1)
+        return cls(text=text, vision=vision, tie_word_embeddings=tie, torch_dtype="bfloat16")
 
     @classmethod
     def tiny(
