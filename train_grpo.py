@@ -175,7 +175,7 @@ def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precisio
                                         batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
                                         precision=precision)
     if rollout_log is not None:
-        rollout_log.log_eval(step, records, rows)
+        rollout_log.log_answers(step, records, rows)
     return summary
 
 
@@ -340,6 +340,12 @@ def main(cfg: GRPOConfig) -> dict:
                 return score_completions(policy, processor, encoded, rows, rollout, cfg, device, precision)[0]
             rollout_log.log_rollout(step + 1, batch_records, rollout, texts, scored, advantages, ref_logp,
                                     processor.tokenizer, updated_logp, kl_estimator=cfg.kl_estimator)
+            probes = records[: cfg.rollout_groups_per_log]  # the same prompts at every logged step
+            _, probe_rows = evaluation.evaluate(
+                policy, processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, reward_config=rewards_cfg,
+                seed=cfg.seed, engine=engine, precision=precision, progress=False)
+            rollout_log.log_answers(step + 1, probes, probe_rows, kind="probe", samples=cfg.group_size)
 
         # --- log
         generated = int(lengths.sum())

@@ -53,6 +53,8 @@ def test_token_pieces_join_to_the_text_and_hold_split_characters_back():
     assert len(pieces) == len(ids)
     assert "".join(pieces) == "añ€b<s>"
     assert pieces == ["a", "", "ñ", "", "", "€", "b", "<s>"]
+    cut = list("a€".encode())[:-1]  # a completion that ends inside a character
+    assert "".join(token_pieces(tokenizer, cut)) == tokenizer.decode(cut) == "a\ufffd"
 
 
 def test_a_logged_step_has_every_field_and_the_defined_token_values(tmp_path):
@@ -92,6 +94,27 @@ def test_without_a_reference_the_kl_is_to_the_rollout_policy(tmp_path):
     assert c["kl"][0] == pytest.approx(float(new[0, 0] - old[0, 0]), abs=1e-5)  # k1: log pi_new - log pi_old
 
 
+def _answer(reward: float) -> dict:
+    return {"response": f"<answer>{reward}</answer>", "reward": reward, "reason": "ok" if reward else "wrong",
+            "correct": reward == 1.0, "length": 5, "truncated": False}
+
+
+def test_probe_answers_are_groups_with_their_advantages(tmp_path):
+    log = RolloutLog(str(tmp_path / "rollouts.jsonl"), every=1, groups=2)
+    records = [{"id": f"q{p}", "question": "q", "gt": "1", "verifier_type": "digit"} for p in range(3)]
+    rows = [_answer(r) for r in (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0)]  # 3 records x 3 samples
+    entry = log.log_answers(7, records, rows, kind="probe", samples=3)
+    assert entry["kind"] == "probe" and [g["id"] for g in entry["groups"]] == ["q0", "q1"]  # `groups` prompts
+    first, second = entry["groups"]
+    # rewards (1, 0, 0): mean 1/3, sample std sqrt(1/3), so A = (2/3) / sqrt(1/3) and -(1/3) / sqrt(1/3)
+    expected = [(2 / 3) / math.sqrt(1 / 3), -(1 / 3) / math.sqrt(1 / 3), -(1 / 3) / math.sqrt(1 / 3)]
+    assert [c["advantage"] for c in first["completions"]] == pytest.approx(expected, abs=1e-4)
+    assert not first["no_signal"] and second["no_signal"]
+    held_out = log.log_answers(7, records, rows, samples=1)  # greedy: one answer per record
+    assert [len(g["completions"]) for g in held_out["groups"]] == [1, 1, 1]  # up to groups x 4 records
+    assert "advantage" not in held_out["groups"][0]["completions"][0]
+
+
 def _run(log: RolloutLog, steps: range, seed: int = 0) -> None:
     for step in steps:
         if log.due(step):
@@ -117,7 +140,7 @@ def test_resume_drops_the_entries_past_the_checkpoint_and_appends(tmp_path):
     _run(straight, range(1, 9))
     evaluation = [{"response": "<answer>3</answer>", "reward": 1.0, "reason": "ok", "correct": True, "length": 5,
                    "truncated": False}]
-    straight.log_eval(8, [{"id": "t0", "question": "q", "gt": "3", "verifier_type": "digit"}], evaluation)
+    straight.log_answers(8, [{"id": "t0", "question": "q", "gt": "3", "verifier_type": "digit"}], evaluation)
     with open(path, "a") as f:
         f.write('{"step": 10, "kind": "tr')  # a crash mid-write
     resumed = RolloutLog(path, every=2, groups=1, resume_step=4)  # the checkpoint holds steps 1..4

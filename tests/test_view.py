@@ -8,6 +8,8 @@ Chromium is installed (.ci/run installs Debian's package).
 import dataclasses
 import json
 import os
+import random
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -52,10 +54,15 @@ def run(tmp_path_factory):
 
 def test_grpo_writes_the_rollout_log(run):
     entries = read_metrics(os.path.join(run.out, "rollouts.jsonl"))
-    assert [(e["kind"], e["step"]) for e in entries] == [("eval", 0), ("train", 2), ("train", 4), ("eval", 4)]
+    assert [(e["kind"], e["step"]) for e in entries] == [("eval", 0), ("train", 2), ("probe", 2), ("train", 4),
+                                                           ("probe", 4), ("eval", 4)]
     for entry in entries:
         if entry["kind"] == "eval":
             assert [g["id"] for g in entry["groups"]] == ["r100", "r101", "r102", "r103"]  # <= groups x 4 answers
+            continue
+        if entry["kind"] == "probe":  # the first `groups` training records, G samples each
+            assert [g["id"] for g in entry["groups"]] == ["r0", "r1"]
+            assert all(len(g["completions"]) == run.group_size for g in entry["groups"])
             continue
         assert entry["kl_to"] == "reference" and len(entry["groups"]) == 2
         for group in entry["groups"]:
@@ -119,13 +126,54 @@ def _chromium() -> str | None:
                  if (path := shutil.which(name))), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
-def test_the_page_works_in_headless_chromium(run, tmp_path):
-    out = view.main([run.out, "--out", str(tmp_path / "page.html")])
+def _selftest_in_chromium(page: str, tmp_path) -> str:
+    """Load page#selftest in headless Chromium; returns the self-test's line, after checking the console is quiet."""
     result = subprocess.run(
         [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", Path(out).resolve().as_uri() + "#selftest"],
-        capture_output=True, text=True, timeout=120)
-    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == []
-    assert '<pre id="selftest">selftest: ok steps=2 cards=8,8 compared=' in result.stdout
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", Path(page).resolve().as_uri() + "#selftest"],
+        capture_output=True, text=True, timeout=300)
+    assert [line for line in result.stderr.splitlines() if ":CONSOLE" in line] == []
+    match = re.search(r'<pre id="selftest">(selftest: [^<]*)</pre>', result.stdout)
+    assert match, "the page's self-test did not run"
+    return match.group(1)
+
+
+needs_chromium = pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
+
+
+@needs_chromium
+def test_the_page_works_in_headless_chromium(run, tmp_path):
+    out = view.main([run.out, "--out", str(tmp_path / "page.html")])
+    assert _selftest_in_chromium(out, tmp_path).startswith("selftest: ok steps=2 cards=16,16 compared=6 ")
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_the_page_stays_quick_with_thousands_of_completions(tmp_path):
+    """A real run's scale: 60 logged steps x 4 groups x G = 8 = 1,920 completions of 512 tokens each."""
+    rng = random.Random(0)
+    words = ["<think>", " the", " red", " circle", " wait", ",", " 三", "🤔", " count", " is", "</think>", " 3"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / "rollouts.jsonl", "w") as f:
+        for step in range(1, 61):
+            groups = []
+            for p in range(4):
+                completions = []
+                for g in range(8):
+                    tokens = [rng.choice(words) for _ in range(512)]
+                    completions.append({
+                        "text": "".join(tokens), "reward": float(g % 2), "reason": "ok" if g % 2 else "wrong",
+                        "correct": bool(g % 2), "advantage": (g % 2 - 0.5) * 2, "length": 512, "truncated": True,
+                        "tokens": tokens, "logp": [round(-rng.random(), 3) for _ in tokens],
+                        "ratio": [round(1 + rng.gauss(0, 0.05), 4) for _ in tokens],
+                        "kl": [round(rng.random() * 1e-3, 5) for _ in tokens]})
+                groups.append({"id": f"q{step % 7}-{p}", "question": "How many red circles? " * 20, "gt": "3",
+                               "type": "digit", "image": None, "no_signal": False, "completions": completions})
+            f.write(json.dumps({"step": step, "kind": "train", "kl_to": "reference", "groups": groups}) + "\n")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": s / 60, "accuracy": s / 70})
+                                                   + "\n" for s in range(1, 61)))
+    line = _selftest_in_chromium(view.main([str(run_dir)]), tmp_path)
+    assert line.startswith("selftest: ok steps=60 cards=32,32 compared=")
+    timings = dict(item.split("=") for item in line.split()[2:])
+    assert int(timings["move_ms"]) < 2000  # one step's 32 cards of 512 tokens

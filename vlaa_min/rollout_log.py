@@ -9,33 +9,43 @@ train_grpo.py writes <out>/rollouts.jsonl, one JSON object per logged step:
 
 Per token: the text piece, log pi_old (the rollout policy), and, re-scored right after the step's update, the
 ratio pi_new / pi_old and the KL estimate of pi_new against the reference (against pi_old when there is none).
-A training step is logged every `every` steps, its first `groups` groups (the sampler's order is random);
-held-out answers (kind "eval", one greedy completion per prompt, no per-token values) are logged at each eval.
-So the file holds at most steps / every entries of groups x G completions of at most max_new_tokens tokens each,
-plus the evals. On resume the entries past the resumed step are dropped, like metrics.jsonl's lines.
+A training step is logged every `every` steps, its first `groups` groups (the sampler's order is random), and
+with it kind "probe": G fresh samples (same seed each time) for each of `groups` fixed training prompts, so that
+one prompt can be seen early and late; held-out answers (kind "eval", greedy) are logged at each eval. Probes and
+evals have no per-token values. So the file holds at most 2 x steps / every entries of groups x G completions of
+at most max_new_tokens tokens each, plus the evals. On resume the entries past the resumed step are dropped, like metrics.jsonl's lines.
 """
 
 import math
 
 import torch
 
-from vlaa_min.grpo_loss import kl_per_token
+from vlaa_min.grpo_loss import group_advantages, kl_per_token
 from vlaa_min.metrics import MetricsLogger
 
 
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+def token_pieces(tokenizer, ids: list[int], context: int = 4) -> list[str]:
     """Each token's share of the decoded text (special tokens kept), so that "".join(pieces) is the text.
 
-    A token that ends inside a multi-byte character gets "" and the token that completes it the whole character.
+    Token k's piece is decode(window + k) minus decode(window), with the same few tokens of left context in both
+    (which keeps a tokenizer's word-start spaces right) and linear cost. A token that ends inside a multi-byte
+    character gets "" and the token that completes it the whole character.
     """
-    pieces, done = [], ""
+    def decode(start: int, end: int) -> str:
+        return tokenizer.decode(ids[start:end], skip_special_tokens=False)
+
+    pieces, pending = [], 0  # ids[pending:] have no text in pieces yet
     for k in range(len(ids)):
-        text = tokenizer.decode(ids[: k + 1], skip_special_tokens=False)
-        if text.endswith("\ufffd") or not text.startswith(done):
+        left = max(0, pending - context)
+        before, after = decode(left, pending), decode(left, k + 1)
+        if after.endswith("\ufffd") or not after.startswith(before):
             pieces.append("")
             continue
-        pieces.append(text[len(done):])
-        done = text
+        pieces.append(after[len(before):])
+        pending = k + 1
+    if pending < len(ids):  # cut inside a character: the last token shows what there is
+        left = max(0, pending - context)
+        pieces[-1] = decode(left, len(ids))[len(decode(left, pending)):]
     return pieces
 
 
@@ -95,18 +105,28 @@ class RolloutLog:
         self.file.log(entry)
         return entry
 
-    def log_eval(self, step: int, records: list[dict], rows: list[dict]) -> dict | None:
-        """Log the first held-out answers of an eval (eval.evaluate's rows, one per record) as one-answer groups.
+    def log_answers(self, step: int, records: list[dict], rows: list[dict], kind: str = "eval",
+                    samples: int = 1) -> dict | None:
+        """Log eval.evaluate's rows (`samples` per record, record-major) as groups without per-token values.
 
-        Its limit is the number of completions a training entry holds at G = 4 (groups x 4)."""
+        kind "eval": held-out answers, at most groups x 4 records; kind "probe": the fixed prompts that
+        train_grpo samples again at each logged step, so that the viewer can show one prompt early and late."""
         if self.groups == 0:
             return None
+        shown = min(len(records), self.groups * 4 if kind == "eval" else self.groups)
         groups = []
-        for record, row in list(zip(records, rows))[: self.groups * 4]:
-            completion = {"text": row["response"], "reward": round(row["reward"], 4), "reason": row["reason"],
-                          "correct": bool(row["correct"]), "length": row.get("length"),
-                          "truncated": row.get("truncated")}
-            groups.append({**_prompt(record, no_signal=False), "completions": [completion]})
-        entry = {"step": step, "kind": "eval", "groups": groups}
+        for p in range(shown):
+            answers = rows[p * samples : (p + 1) * samples]
+            rewards = torch.tensor([row["reward"] for row in answers])
+            advantages = group_advantages(rewards[None]).flatten().tolist() if samples > 1 else [None] * samples
+            completions = [{"text": row["response"], "reward": round(row["reward"], 4), "reason": row["reason"],
+                            "correct": bool(row["correct"]), "length": row.get("length"),
+                            "truncated": row.get("truncated")} for row in answers]
+            for completion, advantage in zip(completions, advantages):
+                if advantage is not None:
+                    completion["advantage"] = round(advantage, 4)
+            no_signal = samples > 1 and bool(rewards.max() == rewards.min())
+            groups.append({**_prompt(records[p], no_signal=no_signal), "completions": completions})
+        entry = {"step": step, "kind": kind, "groups": groups}
         self.file.log(entry)
         return entry
