@@ -63,7 +63,7 @@ from vlaa_min.train_state import resume_training, save_checkpoint, save_model
 
 # Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
 RESUME_SAFE = frozenset({"eval_every", "eval_batch_size", "save_every", "sample_every", "device", "compile",
-                         "gradient_checkpointing", "skip_bad"})
+                         "gradient_checkpointing", "skip_bad", "log_rollouts_every", "rollout_groups_per_log"})
 
 
 @dataclass
@@ -131,7 +131,8 @@ class GRPOConfig:
                                     "max_prompt_length", "train_batch_size", "micro_batch_size", "mu", "lr",
                                     "eval_batch_size"),
                     non_negative=("eval_size", "warmup_ratio", "weight_decay", "grad_clip", "kl_init", "kl_target",
-                                  "eval_every", "save_every", "sample_every"))
+                                  "eval_every", "save_every", "sample_every", "log_rollouts_every",
+                                  "rollout_groups_per_log"))
         rollout = self.prompts_per_step * self.group_size
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError(f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-batch-size")
@@ -334,10 +335,10 @@ def main(cfg: GRPOConfig) -> dict:
         kl_controller.update(mean_kl, n_samples=len(rows))
         t3 = time.perf_counter()
 
-        # --- rollout log: a few groups, re-scored after the update (python -m vlaa_min.view shows them)
+        # --- rollout log (python -m vlaa_min.view): a few groups re-scored after the update, a few fixed prompts
         if rollout_log.due(step + 1):
-            def updated_logp(rows):
-                return score_completions(policy, processor, encoded, rows, rollout, cfg, device, precision)[0]
+            def updated_logp(subset):
+                return score_completions(policy, processor, encoded, subset, rollout, cfg, device, precision)[0]
             rollout_log.log_rollout(step + 1, batch_records, rollout, texts, scored, advantages, ref_logp,
                                     processor.tokenizer, updated_logp, kl_estimator=cfg.kl_estimator)
             probes = records[: cfg.rollout_groups_per_log]  # the same prompts at every logged step

@@ -13,7 +13,8 @@ A training step is logged every `every` steps, its first `groups` groups (the sa
 with it kind "probe": G fresh samples (same seed each time) for each of `groups` fixed training prompts, so that
 one prompt can be seen early and late; held-out answers (kind "eval", greedy) are logged at each eval. Probes and
 evals have no per-token values. So the file holds at most 2 x steps / every entries of groups x G completions of
-at most max_new_tokens tokens each, plus the evals. On resume the entries past the resumed step are dropped, like metrics.jsonl's lines.
+at most max_new_tokens tokens each, plus the evals. On resume the entries past the resumed step are dropped, as
+metrics.jsonl's lines are.
 """
 
 import math

@@ -54,6 +54,10 @@ def page_data(run: str, images_root: str | None = None) -> dict:
         for group in entry["groups"]:
             if group.get("image") and group["image"] not in images:
                 images[group["image"]] = thumbnail(Path(images_root) / group["image"])
+    missing = [path for path, uri in images.items() if uri is None]
+    if missing:
+        print(f"warning: {len(missing)} image(s) not readable under {images_root!r} (e.g. {missing[0]}); the page "
+              f"shows those prompts without a thumbnail (pass --images ROOT)")
     metrics = [{key: row[key] for key in ("step", *CURVE_KEYS) if key in row}
                for row in read_metrics(os.path.join(run, "metrics.jsonl"))]
     return {"run": os.path.basename(os.path.normpath(run)), "entries": entries, "metrics": metrics,
