@@ -131,7 +131,11 @@ def test_the_log_size_is_bounded_by_every_and_groups(tmp_path):
         for group in entry["groups"]:
             assert len(group["completions"]) == 3
             assert all(len(c["tokens"]) == c["length"] <= 6 for c in group["completions"])
-    assert not RolloutLog(str(tmp_path / "off.jsonl"), every=0, groups=2).due(5)
+    off = RolloutLog(str(tmp_path / "off.jsonl"), every=0, groups=2)  # 0 = no log at all
+    assert not off.due(5)
+    record = {"id": "t0", "question": "q", "gt": "1", "verifier_type": "digit"}
+    assert off.log_answers(5, [record], [_answer(1.0)]) is None
+    assert (tmp_path / "off.jsonl").read_text() == ""
 
 
 def test_resume_drops_the_entries_past_the_checkpoint_and_appends(tmp_path):

@@ -56,8 +56,11 @@ def _rounded(values: torch.Tensor, digits: int) -> list[float]:
 
 
 def _prompt(record: dict, no_signal: bool) -> dict:
+    image = record.get("image")
+    if isinstance(image, (list, tuple)):  # several images: the viewer shows the first
+        image = image[0] if image else None
     return {"id": record.get("id"), "question": record.get("question"), "gt": record.get("gt"),
-            "type": record.get("verifier_type"), "image": record.get("image") or None, "no_signal": no_signal}
+            "type": record.get("verifier_type"), "image": image or None, "no_signal": no_signal}
 
 
 class RolloutLog:
@@ -112,7 +115,7 @@ class RolloutLog:
 
         kind "eval": held-out answers, at most groups x 4 records; kind "probe": the fixed prompts that
         train_grpo samples again at each logged step, so that the viewer can show one prompt early and late."""
-        if self.groups == 0:
+        if self.every == 0 or self.groups == 0:
             return None
         shown = min(len(records), self.groups * 4 if kind == "eval" else self.groups)
         groups = []
