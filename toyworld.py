@@ -1,8 +1,7 @@
 """The offline toy world: drawn shape scenes, questions of all five reward types, and a flawed teacher.
 
-The embedded default data set (no downloads, deterministic from a seed), written in the VLAA-Thinking record
-format, so training and evaluation read it through the same data.py path as the real data set.
-
+The embedded default data set (no downloads, deterministic from a seed) in the VLAA-Thinking record format, read
+through the same data.py path as the real data set; ToySceneScorer is the S of its open-ended reward.
 Images: 112x112, a 4x4 grid of 28-px cells (one merged vision token each), every cell's floor its own grey (so
 each image token carries where it is); 1-5 shapes (circle/square/triangle, red/green/blue/yellow), one per cell.
 Questions, weighted by TYPE_CYCLE (digit 30%, math 30%, open 20%, mcq 10%, iou 10%): how many red shapes; red
@@ -22,9 +21,7 @@ Three targets per record, one for each training stage we imitate:
 
 Files (build_world): images/, base.json (direct answers), sft.json (clean traces), sft_pseudo.json (pseudo
 traces), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no (scene,
-question) pair.
-
-    python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--pseudo-flip-rate 0.3] [--base-size ...]
+question) pair. Build it with: python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--base-size N]
 """
 
 import json
