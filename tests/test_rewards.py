@@ -3,6 +3,7 @@ real symbolic equivalence and the hard math time limit (main thread and worker t
 random and mutated responses, type resolution, the open-ended scorers and the batched API."""
 
 import math
+import os
 import random
 import signal
 import threading
@@ -16,6 +17,13 @@ from vlaa_min import math_check
 from rewards import (RewardConfig, TokenF1Scorer, compute_reward, compute_rewards, extract_answer, load_scorer,
                      resolve_type)
 from toyworld import ToySceneScorer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def warm_math():
+    """Math-Verify is warmed up once per process, before its first child (vlaa_min/math_check.py): the timed
+    tests below measure checks, not that."""
+    math_check.warm_up()
 
 
 def wrap(answer: str) -> str:
@@ -344,6 +352,19 @@ def test_math_bombs_in_one_batch_cost_about_one_time_limit(monkeypatch):
     assert elapsed < 2 * config.math_timeout_s  # one after the other: 3 limits
 
 
+def test_a_check_after_a_timeout_or_a_crash_gets_a_fresh_child(monkeypatch):
+    slow = {"id": "slow", "verifier_type": "math", "gt": "1"}
+    assert compute_reward(wrap(SLOW_MATH[0]), slow, config=RewardConfig(math_timeout_s=0.3))["reason"] == "timeout"
+    assert compute_reward(wrap("0.5"), MATH)["reason"] == "ok"  # the killed child was replaced
+    real_check = math_check._math_check
+    monkeypatch.setattr(math_check, "_math_check",
+                        lambda answer, gt: os._exit(1) if answer == "crash" else real_check(answer, gt))
+    monkeypatch.setattr(math_check, "_idle", [])  # the children forked from now on run the patched check
+    crashed = compute_reward(wrap("crash"), MATH)
+    assert (crashed["reward"], crashed["reason"], crashed["correct"]) == (0.0, "error", False)
+    assert compute_reward(wrap("0.5"), MATH)["reason"] == "ok"
+
+
 def test_math_time_limit_leaves_an_outer_sigalrm_handler_and_timer_alone():
     fired = []
 
@@ -428,7 +449,6 @@ FUZZ_PER_CHUNK = 2_000  # 5 x 2,000 = 10,000 responses in the default suite
 
 
 def check_many(responses, rng):
-    math_check.warm_up()  # once per process, before the first math check; not part of any call's time
     for response in responses:
         sample = rng.choice(FUZZ_SAMPLES)
         config = THINK if rng.random() < 0.1 else FUZZ_CONFIG

@@ -51,7 +51,10 @@ def _math_check(answer: str | None, gt: str) -> str:
 def _serve(connection) -> None:
     """The child's loop: (answer, gt) in, _math_check's reason out."""
     while True:
-        answer, gt = connection.recv()
+        try:
+            answer, gt = connection.recv()
+        except EOFError:  # the parent has gone
+            return
         try:
             reason = _math_check(answer, gt)
         except Exception:  # sympy can fail in ways Math-Verify does not catch; the answer then scores 0
