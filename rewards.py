@@ -144,7 +144,7 @@ def _digit_reward(answer: str, expected: Decimal) -> tuple[float, str]:
 # after _plain, so "\\boxed{B}", "**B**" and a fullwidth "Ｂ" read as "B".
 
 # A capital A-H with no letter, digit or apostrophe on either side.
-_LONE_CAPITAL = re.compile(r"(?<![\w'])([A-H])(?![\w'])")
+_LONE_CAPITAL = re.compile(r"(?<![A-Za-z0-9'])([A-H])(?![A-Za-z0-9'])")
 # "A" before a lower-case word of three or more letters is an article, unless that word joins it to something
 # else ("A and C", "A seems right"); two-letter words ("A or B", "A is") never make it an article.
 _ARTICLE_A = re.compile(r"A\s+(?!(?:and|nor|then|plus|also|both|versus|through|seems|looks|fits|matches|would"
