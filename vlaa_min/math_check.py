@@ -73,7 +73,8 @@ class _Checker:
         child_end.close()
 
     def check(self, answer: str | None, gt: str, timeout_s: float) -> str:
-        """The child's reason, or "timeout" / "error" once the child is killed or found dead."""
+        """The child's reason, or "timeout" / "error" once the child is killed or found dead (the pipe is then
+        closed)."""
         try:
             self.connection.send((answer, gt))
             if self.connection.poll(timeout_s):
@@ -81,8 +82,9 @@ class _Checker:
             reason = "timeout"
         except (EOFError, OSError):  # the child died
             reason = "error"
+        # Not joined: on a busy machine a killed child can wait a while for the CPU time to exit, and nothing here
+        # needs it gone; multiprocessing reaps it when it starts the next child.
         self.process.kill()
-        self.process.join()
         self.connection.close()
         return reason
 
@@ -111,7 +113,7 @@ def check_math(answer: str | None, gt: str, timeout_s: float) -> str:
         checker = _idle.pop() if _idle else None
     checker = checker or _Checker()
     reason = checker.check(answer, gt, timeout_s)
-    if checker.process.is_alive():
+    if not checker.connection.closed:  # closed: the child was killed or had died
         with _idle_lock:
             _idle.append(checker)
     return reason
