@@ -5,22 +5,18 @@ VLAA-Thinking's JSON: "id", "image" (path relative to an images root; absent, nu
 "question", "gt", "verifier_type" (digit/mcq/math/iou/open), "answer" (SFT target
 "<think>...</think> <answer>...</answer>"), optional "ds_answer", "caption", "meta" (dict).
 
-- `load_records` reads a JSON array or JSON lines (told apart by the first character, not the extension) and
-  validates EVERY record before training starts (normalise_record lists the checks). An error names the file,
-  the line (JSON lines) or the record and its line (JSON arrays), the id and the field:
-  "<file>:<line> [id <id>]: <field>: <problem>". skip_bad=True skips bad records instead and counts them
-  (`records.skipped`); a JSON array that does not parse cannot be resynchronised, so it still fails.
+- `load_records` reads a JSON array or JSON lines (told apart by the first character, not the extension) with
+  the json module and validates EVERY record before training starts (normalise_record lists the checks). An
+  error names the file, the line (JSON lines) or the record and its line (JSON arrays), the id and the field:
+  "<file>:<line> [id <id>]: <field>: <problem>". skip_bad=True skips bad records instead and counts them.
 - `check_prompt_lengths`: every prompt fits the trainer's length limit, once a processor is loaded.
-- `EpochSampler`: a deterministic permutation per epoch (numpy seeded with the pair (seed, epoch)), batches
-  across epoch boundaries, exact mid-epoch resume through state_dict() / load_state_dict().
-- `encode_prompt` / `encode_sft` / `collate_prompts` / `collate_sft`: records -> the processor's encodings and
-  batches (each image loaded and processed once per prompt; GRPO samples G completions from that one row).
+- `EpochSampler`: a deterministic permutation per epoch, batches across epoch boundaries, exact resume.
+- `encode_prompt` / `encode_sft` / `collate_prompts` / `collate_sft`: records -> the processor's batches.
 
 Choices the data set card leaves open: image paths must be relative and may not contain ".." (symbolic links
 inside the root are followed); the default images root is "<json folder>/images" when it exists, else the
 file's folder; "answer" is built from "ds_answer" when absent (build_answer).
 
-Usage:
     records = load_records("toy/rl.json")                      # images root: toy/images
     records = load_records("VLAA-Thinking-SFT-126K.json", "images", require_answer=True, skip_bad=True)
     batch = collate_prompts([records[i] for i in EpochSampler(len(records), seed=0).next_batch(8)], ...)
@@ -407,12 +403,9 @@ def check_prompt_lengths(records: RecordList, path, processor, images_root, limi
 
 
 class EpochSampler:
-    """Batches of record indices: a fresh deterministic permutation each epoch, resumable mid-epoch.
-
-    next_batch() runs forever: a batch that reaches the end of an epoch continues with the next epoch's order,
-    so no record is ever dropped and every epoch visits each record exactly once. batches(one_epoch=True) stops
-    at the end of the current epoch instead (its last batch may be short).
-    """
+    """Batches of record indices: a fresh permutation each epoch (numpy seeded with (seed, epoch)), resumable
+    mid-epoch through state_dict() / load_state_dict(). No record is ever dropped: every epoch visits each one
+    exactly once."""
 
     def __init__(self, num_items: int, seed: int, shuffle: bool = True):
         if num_items <= 0:
@@ -428,31 +421,19 @@ class EpochSampler:
             return list(range(self.num_items))
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_items).tolist()
 
-    def _take(self, count: int) -> list[int]:
-        """Up to `count` indices from the current epoch; moves to the next epoch when this one is used up."""
-        indices = self._order[self.position : self.position + count]
-        self.position += len(indices)
-        if self.position == self.num_items:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        return indices
-
     def next_batch(self, batch_size: int) -> list[int]:
+        """The next batch_size indices; a batch that reaches the end of an epoch goes on in the next epoch's order."""
         if batch_size <= 0:
             raise ValueError(f"EpochSampler: batch_size must be positive, got {batch_size}")
         batch: list[int] = []
         while len(batch) < batch_size:
-            batch += self._take(batch_size - len(batch))
+            taken = self._order[self.position : self.position + batch_size - len(batch)]
+            batch += taken
+            self.position += len(taken)
+            if self.position == self.num_items:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
         return batch
-
-    def batches(self, batch_size: int, *, one_epoch: bool = False):
-        """Iterate batches forever, or (one_epoch) until the end of the current epoch."""
-        if not one_epoch:
-            while True:
-                yield self.next_batch(batch_size)
-        epoch = self.epoch
-        while self.epoch == epoch:
-            yield self._take(batch_size)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items,

@@ -1,8 +1,7 @@
 """The offline toy world: drawn shape scenes, questions of all five reward types, and a flawed teacher.
 
-The embedded default data set (no downloads, deterministic from a seed), written in the VLAA-Thinking record
-format, so training and evaluation read it through the same data.py path as the real data set.
-
+The embedded default data set (no downloads, deterministic from a seed) in the VLAA-Thinking record format, read
+through the same data.py path as the real data set; ToySceneScorer is the S of its open-ended reward.
 Images: 112x112, a 4x4 grid of 28-px cells (one merged vision token each), every cell's floor its own grey (so
 each image token carries where it is); 1-5 shapes (circle/square/triangle, red/green/blue/yellow), one per cell.
 Questions, weighted by TYPE_CYCLE (digit 30%, math 30%, open 20%, mcq 10%, iou 10%): how many red shapes; red
@@ -22,20 +21,21 @@ Three targets per record, one for each training stage we imitate:
 
 Files (build_world): images/, base.json (direct answers), sft.json (clean traces), sft_pseudo.json (pseudo
 traces), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no (scene,
-question) pair.
-
-    python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--pseudo-flip-rate 0.3] [--base-size ...]
+question) pair. Build it with: python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--base-size N]
 """
 
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from rewards import NUMBER_WORDS
 from vlaa_min.cli import parse_config, print_config
+from vlaa_min.reward_types import SampleError, record_meta
 
 VERSION = 2
 IMAGE_SIZE = 112
@@ -44,6 +44,7 @@ CELL = IMAGE_SIZE // GRID  # 28 px: one 2x2 merge block of 14-px patches
 SHAPE_SIZE = 22
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+SIZES = ("small", "large")  # the sizes a scene may give an object; the drawn shapes are all "large"
 TYPES = ("digit", "mcq", "math", "iou", "open")
 TYPE_CYCLE = ("digit", "math", "open", "digit", "math", "mcq", "digit", "open", "math", "iou",
               "digit", "math", "open", "digit", "mcq", "math", "open", "digit", "math", "iou")
@@ -124,7 +125,7 @@ def sample_scene(rng: random.Random) -> list[ToyObject]:
 
 
 def scene_graph(objects: list[ToyObject]) -> dict:
-    """meta["scene"] in the format rewards.ToySceneScorer reads (every shape has the one size, "large")."""
+    """meta["scene"], the facts ToySceneScorer checks a description against."""
     return {
         "size": [IMAGE_SIZE, IMAGE_SIZE],
         "objects": [{"shape": o.shape, "color": o.color, "size": "large", "box": object_box(o.shape, o.row, o.col)}
@@ -134,6 +135,55 @@ def scene_graph(objects: list[ToyObject]) -> dict:
 
 def scene_key(objects: list[ToyObject]) -> str:
     return ";".join(f"{o.row}{o.col}:{o.name}" for o in objects)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring a description against the scene: the open-ended reward's S on toy records (rewards.py's default for a
+# record with meta["scene"], in place of the paper's reward model)
+
+COUNT_WORDS = {word: value for word, value in NUMBER_WORDS.items() if 1 <= value <= 10}  # one..ten
+# A counting claim: a count, up to two sizes or colours, then a shape or "shape" / "object" ("2 small red circles").
+CLAIM = re.compile(r"\b(\d{1,3}|" + "|".join(COUNT_WORDS) + r")\s+"
+                   r"((?:(?:" + "|".join(SIZES + tuple(COLORS)) + r")\s+){0,2})"
+                   r"(" + "|".join(SHAPES + ("shape", "object")) + r")s?\b", re.IGNORECASE)
+
+
+class ToySceneScorer:
+    """S = (#distinct true counting claims) - (#false ones) about meta["scene"], e.g. "2 red circles", "one blue
+    square", "3 shapes", "2 large shapes". Claims of zero are ignored, so listing every absent colour/shape pair
+    earns nothing. Relative: the reward is the gain over S(gt)."""
+
+    relative = True
+
+    @staticmethod
+    def check(sample: dict) -> list[dict]:
+        """The scene's objects; SampleError when meta["scene"] is not a scene."""
+        scene = record_meta(sample).get("scene")
+        objects = scene.get("objects") if isinstance(scene, dict) else None
+        if not isinstance(objects, list) or not all(
+                isinstance(item, dict) and {"shape", "color", "size"} <= item.keys() for item in objects):
+            raise SampleError(sample, "meta.scene", "must be {'objects': [{'shape', 'color', 'size', ...}, ...]} "
+                                                    "for ToySceneScorer")
+        return objects
+
+    def score(self, answer: str, sample: dict) -> float:
+        objects = self.check(sample)
+        claims = set()
+        for match in CLAIM.finditer(answer):
+            count_text, adjectives, noun = match.group(1).lower(), match.group(2).lower().split(), match.group(3)
+            count = COUNT_WORDS[count_text] if count_text in COUNT_WORDS else int(count_text)
+            colors = [word for word in adjectives if word in COLORS]
+            sizes = [word for word in adjectives if word in SIZES]
+            if count == 0 or len(colors) > 1 or len(sizes) > 1:
+                continue
+            shape = noun.lower() if noun.lower() in SHAPES else None
+            claims.add((count, shape, colors[0] if colors else None, sizes[0] if sizes else None))
+        score = 0
+        for count, shape, color, size in claims:
+            matching = sum(1 for item in objects if (shape is None or item["shape"] == shape)
+                           and (color is None or item["color"] == color) and (size is None or item["size"] == size))
+            score += 1 if matching == count else -1
+        return float(score)
 
 
 # ----------------------------------------------------------------------------------------------------------------

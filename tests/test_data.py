@@ -301,15 +301,11 @@ def test_load_image(images):
 
 def test_sampler_epochs_are_permutations_and_deterministic():
     sampler = data.EpochSampler(10, seed=5)
-    epochs = [[i for batch in sampler.batches(3, one_epoch=True) for i in batch] for _ in range(3)]
-    assert all(sorted(e) == list(range(10)) for e in epochs)
+    epochs = [sampler.next_batch(10) for _ in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs) and sampler.epoch == 3
     assert len({tuple(e) for e in epochs}) == 3  # a new order each epoch
-    again = data.EpochSampler(10, seed=5)
-    assert [i for batch in again.batches(3, one_epoch=True) for i in batch] == epochs[0]
-    other = data.EpochSampler(10, seed=6)
-    assert [i for batch in other.batches(3, one_epoch=True) for i in batch] != epochs[0]
-    batch_sizes = [len(b) for b in data.EpochSampler(10, seed=5).batches(3, one_epoch=True)]
-    assert batch_sizes == [3, 3, 3, 1]  # the short last batch is kept, not dropped
+    assert data.EpochSampler(10, seed=5).next_batch(10) == epochs[0]
+    assert data.EpochSampler(10, seed=6).next_batch(10) != epochs[0]
 
 
 def test_sampler_next_batch_crosses_epochs_without_dropping():

@@ -3,6 +3,7 @@ real symbolic equivalence and the hard math time limit (main thread and worker t
 random and mutated responses, type resolution, the open-ended scorers and the batched API."""
 
 import math
+import os
 import random
 import signal
 import threading
@@ -12,8 +13,17 @@ from fractions import Fraction
 import pytest
 
 import rewards
-from rewards import (RewardConfig, TokenF1Scorer, ToySceneScorer, compute_reward, compute_rewards, extract_answer,
-                     load_scorer, resolve_type)
+from vlaa_min import math_check
+from rewards import (RewardConfig, TokenF1Scorer, compute_reward, compute_rewards, extract_answer, load_scorer,
+                     resolve_type)
+from toyworld import ToySceneScorer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def warm_math():
+    """Math-Verify is warmed up once per process, before its first child (vlaa_min/math_check.py): the timed
+    tests below measure checks, not that."""
+    math_check.warm_up()
 
 
 def wrap(answer: str) -> str:
@@ -324,14 +334,15 @@ def test_math_in_worker_thread_is_correct_and_bounded():
 
 
 def test_math_bombs_in_one_batch_cost_about_one_time_limit(monkeypatch):
-    real_check = rewards._math_check
-    delays = {"bomb": 60.0, "slow": 0.3}  # a bomb never ends; "slow" outlasts the first try, not the limit
+    real_check = math_check._math_check
+    delays = {"bomb": 60.0, "slow": 0.3}  # a bomb never ends; "slow" takes a while but stays within the limit
 
     def check(answer, gt):
         time.sleep(delays.get(answer, 0.0))
         return "ok" if answer == "slow" else real_check(answer, gt)
 
-    monkeypatch.setattr(rewards, "_math_check", check)
+    monkeypatch.setattr(math_check, "_math_check", check)
+    monkeypatch.setattr(math_check, "_idle", [])  # the children forked from now on run the patched check
     config = RewardConfig(math_timeout_s=1.0)
     answers = ["bomb", "0.5", "slow", "bomb", "0.6", "bomb"]
     started = time.monotonic()
@@ -341,7 +352,20 @@ def test_math_bombs_in_one_batch_cost_about_one_time_limit(monkeypatch):
     assert elapsed < 2 * config.math_timeout_s  # one after the other: 3 limits
 
 
-def test_math_guard_restores_an_outer_sigalrm_handler_and_timer():
+def test_a_check_after_a_timeout_or_a_crash_gets_a_fresh_child(monkeypatch):
+    slow = {"id": "slow", "verifier_type": "math", "gt": "1"}
+    assert compute_reward(wrap(SLOW_MATH[0]), slow, config=RewardConfig(math_timeout_s=0.3))["reason"] == "timeout"
+    assert compute_reward(wrap("0.5"), MATH)["reason"] == "ok"  # the killed child was replaced
+    real_check = math_check._math_check
+    monkeypatch.setattr(math_check, "_math_check",
+                        lambda answer, gt: os._exit(1) if answer == "crash" else real_check(answer, gt))
+    monkeypatch.setattr(math_check, "_idle", [])  # the children forked from now on run the patched check
+    crashed = compute_reward(wrap("crash"), MATH)
+    assert (crashed["reward"], crashed["reason"], crashed["correct"]) == (0.0, "error", False)
+    assert compute_reward(wrap("0.5"), MATH)["reason"] == "ok"
+
+
+def test_math_time_limit_leaves_an_outer_sigalrm_handler_and_timer_alone():
     fired = []
 
     def outer_handler(signum, frame):
@@ -602,7 +626,7 @@ def test_default_open_scorer_depends_on_the_scene():
 
 def test_load_scorer_from_import_path():
     assert isinstance(load_scorer("rewards:TokenF1Scorer"), TokenF1Scorer)
-    assert isinstance(RewardConfig(open_scorer="rewards:ToySceneScorer").open_scorer, ToySceneScorer)
+    assert isinstance(RewardConfig(open_scorer="toyworld:ToySceneScorer").open_scorer, ToySceneScorer)
     for bad in ["rewards", "no_such_module_xyz:Scorer", "rewards:NoSuchScorer", "rewards:REWARD_TYPES"]:
         with pytest.raises(ValueError, match="open_scorer"):
             load_scorer(bad)

@@ -308,3 +308,14 @@ def test_a_rate_changes_only_its_own_target(tmp_path, knob, target, flag):
         assert (a["question"], a["gt"], a["answer"], a["meta"]["scene"], a["meta"][other]) == \
                (b["question"], b["gt"], b["answer"], b["meta"]["scene"], b["meta"][other])
     assert sum(a["meta"][flag] for a in low) < sum(b["meta"][flag] for b in high)
+
+
+def test_the_scene_scorer_reads_the_worlds_own_vocabulary():
+    """Every colour, shape and size the world knows is a fact the scorer checks: one true claim scores 1, the same
+    claim with the count off by one scores -1."""
+    for color in toyworld.COLORS:
+        for shape in toyworld.SHAPES:
+            for size in toyworld.SIZES:
+                sample = {"id": "v", "meta": {"scene": {"objects": [{"shape": shape, "color": color, "size": size}]}}}
+                assert toyworld.ToySceneScorer().score(f"1 {size} {color} {shape}", sample) == 1.0
+                assert toyworld.ToySceneScorer().score(f"2 {color} {shape}s", sample) == -1.0

@@ -1,25 +1,21 @@
 """Images and chat text -> the tensors a Qwen2-VL / Qwen2.5-VL model reads.
 
-What it does:
-- `smart_resize` + `ImageProcessor`: Qwen's image preprocessing. The image is resized so that
-  both sides are multiples of 28 (a 2x2 block of 14-pixel patches, which the vision merger
-  turns into one LLM token) and its area lies in [min_pixels, max_pixels]; then it is scaled
-  to [0, 1], normalised with OpenAI CLIP's mean/std, repeated to 2 frames (the vision tower's
-  patches are 2 frames deep, made for video) and cut into flat patches, ordered 2x2 merge
-  block by merge block as the vision tower expects. Output equals transformers'
+- `smart_resize` + `ImageProcessor`: Qwen's image preprocessing. The image is resized so that both sides are
+  multiples of 28 (a 2x2 block of 14-pixel patches, which the vision merger turns into one LLM token) and its
+  area lies in [min_pixels, max_pixels]; then it is scaled to [0, 1], normalised with OpenAI CLIP's mean/std,
+  repeated to 2 frames (the vision tower's patches are 2 frames deep, made for video) and cut into flat patches,
+  ordered 2x2 merge block by merge block as the vision tower expects. Output equals transformers'
   Qwen2VLImageProcessor (tests/test_processor.py checks it).
-- `Processor`: the chat prompt with the paper's system prompt (ChatML, image placeholders
-  before the question), token ids with each <|image_pad|> expanded to one token per merged
-  patch, SFT examples with an assistant-only loss mask, and left-/right-padded batches with
-  attention masks built from lengths and MRoPE position ids (from rope.py).
+- `Processor`: the chat prompt with the paper's system prompt (ChatML, image placeholders before the question),
+  token ids with each <|image_pad|> expanded to one token per merged patch, SFT examples with an assistant-only
+  loss mask, and left-/right-padded batches with attention masks built from lengths and MRoPE position ids
+  (from rope.py).
 
-Deviations from transformers' Qwen2VLProcessor: images only (no video input), one user turn
-per sample, and SFT targets are tokenised apart from the prompt so the loss-mask boundary is
-exact. A prompt longer than max_length is an error (never cut inside an image span); an SFT
-response that does not fit is cut at the end and flagged (`EncodedSFT.truncated`) so the
-trainer can report truncation rates.
+Deviations from transformers' Qwen2VLProcessor: images only (no video input), one user turn per sample, and SFT
+targets are tokenised apart from the prompt so the loss-mask boundary is exact. A prompt longer than max_length
+is an error (never cut inside an image span); an SFT response that does not fit is cut at the end and flagged
+(`EncodedSFT.truncated`) so the trainer can report truncation rates.
 
-Usage:
     processor = Processor.from_pretrained("path/to/Qwen2.5-VL-3B-Instruct")   # or our toy checkpoint
     prompts = [processor.encode_prompt(question, [image]) for question, image in rows]
     batch = processor.collate_prompts(prompts)        # batch.input_ids (B, T) left padded, ...
@@ -411,35 +407,28 @@ class Processor:
         """Left-padded prompt batch for generation (every row ends at the last column)."""
         if not encoded:
             raise ValueError("collate_prompts: empty list of prompts")
-        lengths = torch.tensor([len(sample.input_ids) for sample in encoded])  # (B,)
-        input_ids = self._pad([sample.input_ids for sample in encoded], self.pad_token_id, torch.long, left=True)
-        attention_mask = self._lengths_mask(lengths, input_ids.shape[1], left=True)  # (B, T)
-        pixel_values, image_grid_thw = self._images(encoded)
-        return PromptBatch(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=self._position_ids(input_ids, attention_mask, image_grid_thw),
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            prompt_lengths=lengths,
-        )
+        fields, lengths = self._padded(encoded, left=True)
+        return PromptBatch(**fields, prompt_lengths=lengths)
 
     def collate_sft(self, encoded: list[EncodedSFT]) -> SFTBatch:
         """Right-padded training batch with the assistant-only loss mask."""
         if not encoded:
             raise ValueError("collate_sft: empty list of examples")
-        lengths = torch.tensor([len(sample.input_ids) for sample in encoded])  # (B,)
-        input_ids = self._pad([sample.input_ids for sample in encoded], self.pad_token_id, torch.long, left=False)
-        attention_mask = self._lengths_mask(lengths, input_ids.shape[1], left=False)  # (B, T)
-        loss_mask = self._pad([sample.loss_mask for sample in encoded], False, torch.bool, left=False)  # (B, T)
-        pixel_values, image_grid_thw = self._images(encoded)
+        fields, lengths = self._padded(encoded, left=False)
         return SFTBatch(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=self._position_ids(input_ids, attention_mask, image_grid_thw),
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            loss_mask=loss_mask,
+            **fields,
+            loss_mask=self._pad([sample.loss_mask for sample in encoded], False, torch.bool, left=False),  # (B, T)
             lengths=lengths,
             truncated=torch.tensor([sample.truncated for sample in encoded]),
         )
+
+    def _padded(self, encoded: list, left: bool) -> tuple[dict, torch.Tensor]:
+        """The fields every batch has (ids, attention mask, MRoPE positions, images), padded on one side, and the
+        lengths (B,)."""
+        lengths = torch.tensor([len(sample.input_ids) for sample in encoded])  # (B,)
+        input_ids = self._pad([sample.input_ids for sample in encoded], self.pad_token_id, torch.long, left=left)
+        attention_mask = self._lengths_mask(lengths, input_ids.shape[1], left=left)  # (B, T)
+        pixel_values, image_grid_thw = self._images(encoded)
+        position_ids = self._position_ids(input_ids, attention_mask, image_grid_thw)  # (3, B, T)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    pixel_values=pixel_values, image_grid_thw=image_grid_thw), lengths

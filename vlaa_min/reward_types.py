@@ -2,7 +2,8 @@
 
 data.py calls it (through rewards.check_sample) when it loads a file, rewards.py when it scores an answer.
 The RL split of VLAA-Thinking has no verifier_type on some records; their source (meta["source"], "source", or
-a folder of the image path) names the data set, and each data set has one reward type.
+a folder of the image path) names the data set, and each data set has one reward type. SampleError names a
+record and the field no answer could be scored against.
 """
 
 import re
@@ -35,6 +36,20 @@ def record_name(record: dict) -> str:
     return f"record {record.get('id', '<no id>')!r}"
 
 
+def record_meta(record: dict) -> dict:
+    """record["meta"], or {} when it is missing or not a dict."""
+    meta = record.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+class SampleError(ValueError):
+    """A sample no response can be scored against: "record 'id': field 'gt' <problem>"."""
+
+    def __init__(self, sample: dict, field: str, problem: str):
+        super().__init__(f"{record_name(sample)}: field '{field}' {problem}")
+        self.field, self.problem = field, problem
+
+
 def _normalise_name(name: str) -> str:
     return re.sub(r"[\s\-.]+", "_", name.strip().lower())
 
@@ -52,8 +67,7 @@ def resolve_type(record: dict) -> str:
             raise ValueError(f"{record_name(record)}: field 'verifier_type' = {declared!r} is not a known reward "
                              f"type; expected one of {REWARD_TYPES} or an alias in reward_types.TYPE_ALIASES")
         return resolved
-    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-    candidates = [meta.get("source"), record.get("source")]
+    candidates = [record_meta(record).get("source"), record.get("source")]
     image = record.get("image")
     if isinstance(image, (list, tuple)) and image:
         image = image[0]

@@ -1,26 +1,24 @@
 """A small byte-level BPE tokenizer with Qwen2-VL's special tokens, built offline.
 
-The embedded default run has no pretrained checkpoint to download, so the project trains
-its own tokenizer on the toy world's texts. It is shaped like Qwen's so that every other
-file treats it exactly like a real Qwen2-VL / Qwen2.5-VL tokenizer:
+The embedded default run has no pretrained checkpoint to download, so the project trains its own tokenizer on the
+toy world's texts. It is shaped like Qwen's so that every other file treats it exactly like a real Qwen2-VL /
+Qwen2.5-VL tokenizer:
 
-- byte-level BPE: any text (the system prompt's emoji, unicode, code) encodes and decodes
-  back exactly, because every byte has a token;
-- the same pre-tokenisation rule as Qwen (single digits, words with one leading
-  non-letter, runs of punctuation, newlines kept apart);
-- Qwen's special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos),
-  <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>;
+- byte-level BPE: any text (the system prompt's emoji, unicode, code) encodes and decodes back exactly, because
+  every byte has a token;
+- the same pre-tokenisation rule as Qwen (single digits, words with one leading non-letter, runs of punctuation,
+  newlines kept apart);
+- Qwen's special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos), <|vision_start|>, <|vision_end|>,
+  <|image_pad|>, <|video_pad|>;
 - <think>, </think>, <answer>, </answer> as single added tokens that are *not* special, so
   `decode(ids, skip_special_tokens=True)` keeps the tags the rewards look for;
-- a ChatML chat template in Qwen2-VL's style (written here), with image content parts
-  rendered as <|vision_start|><|image_pad|><|vision_end|>.
+- a ChatML chat template in Qwen2-VL's style (written here), with image content parts rendered as
+  <|vision_start|><|image_pad|><|vision_end|>.
 
-Deviations from Qwen's tokenizer: no NFC normaliser (so decode(encode(text)) == text for
-every string, not only NFC ones), and the vocabulary is tiny (`vocab_size` counts the
-special and added tokens too, so `len(tokenizer) <= vocab_size`; it is smaller only when
-the texts are too few to learn that many merges).
+Deviations from Qwen's tokenizer: no NFC normaliser (so decode(encode(text)) == text for every string, not only
+NFC ones), and the vocabulary is tiny (`vocab_size` counts the special and added tokens too, so
+`len(tokenizer) <= vocab_size`; it is smaller only when the texts are too few to learn that many merges).
 
-Usage:
     tokenizer = build_tokenizer(texts, vocab_size=1024)
     ids = special_token_ids(tokenizer)        # image_token_id, eos_token_id, ... for the model config
     tokenizer.save_pretrained(path)           # AutoTokenizer.from_pretrained(path) loads it back
