@@ -99,41 +99,59 @@ def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return scaled
 
 
-def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """One token per row (N,) of probs (N, V), using uniform (N,) in [0, 1).
+def inverse_cdf_sample(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row (N,) of weights (N, V) >= 0, in proportion to them, using uniform (N,) in [0, 1)."""
+    return draw_from_cdf(weights.cumsum(dim=-1), uniform)
+
+
+def draw_from_cdf(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row (N,) given the cumulative sums (N, V) of non-negative weights and uniform (N,) in [0, 1).
 
     The threshold (1 - U) * total lies in (0, total], so the first index whose cumulative sum reaches it
     always has positive probability (a zero-probability token never adds to the sum), and the total is the
     cumulative sum's own last entry, so rounding in the sum cannot push the threshold past the end. (Over Qwen's
     151,936 entries the float32 sum stays within 1e-7 of a float64 one on CPU: each token's chance is off by less.)
     """
-    cdf = probs.cumsum(dim=-1)  # (N, V)
     threshold = (1.0 - uniform) * cdf[:, -1]  # (N,)
     return torch.searchsorted(cdf, threshold[:, None]).squeeze(1)
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None, banned: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens (N,) and their log-probs (N,) float32 under the unfiltered softmax(logits / temperature).
 
     uniform: (N,) Uniform[0, 1) draws, one per row (ignored when greedy). One number per row, not one per
     vocabulary entry as Gumbel-max needs; the caller draws them from its torch.Generator outside the (optionally
     compiled) step, so the same seed gives the same samples and the step stays a pure fixed-shape function.
+    banned: params.banned_token_ids as a long tensor on the logits' device, made once by the caller so that a
+    step copies nothing from the host (None: made here).
     With top_p = 1 and top_k = 0 the log-probs are those of the distribution sampled from (what a later forward
     pass at the same temperature recomputes); with top-k / top-p they are not renormalised over the kept tokens.
+    A (N, V) pass over Qwen's 151,936 entries costs about as much as a decoder layer's matmuls at N = 64, so
+    plain sampling makes four (max, exp, cumulative sum, the search) and reads the normaliser off the sum.
     """
-    scaled = logits.float() / params.temperature  # (N, V)
+    scaled = logits.float()  # (N, V)
+    if params.temperature != 1.0:
+        scaled = scaled / params.temperature
+    top = scaled.amax(dim=-1, keepdim=True)  # (N, 1)
+    weights = torch.exp(scaled - top)  # (N, V): softmax(scaled) before its division
     allowed = scaled
     if params.banned_token_ids:
-        allowed = scaled.index_fill(1, scaled.new_tensor(params.banned_token_ids, dtype=torch.long), float("-inf"))
-    if params.greedy:
-        tokens = allowed.argmax(dim=-1)
+        if banned is None:
+            banned = scaled.new_tensor(params.banned_token_ids, dtype=torch.long)
+        allowed = scaled.index_fill(1, banned, float("-inf"))
+    if not params.greedy and allowed is scaled and params.top_k == 0 and params.top_p == 1.0:
+        cdf = weights.cumsum(dim=-1)  # (N, V)
+        tokens, total = draw_from_cdf(cdf, uniform), cdf[:, -1]
     else:
-        filtered = filter_logits(allowed, params.top_k, params.top_p)
-        tokens = inverse_cdf_sample(torch.softmax(filtered, dim=-1), uniform)
+        if params.greedy:
+            tokens = allowed.argmax(dim=-1)
+        else:
+            tokens = inverse_cdf_sample(torch.exp(filter_logits(allowed, params.top_k, params.top_p) - top), uniform)
+        total = weights.sum(dim=-1)
     chosen = scaled.gather(1, tokens[:, None]).squeeze(1)
-    return tokens, chosen - torch.logsumexp(scaled, dim=-1)
+    return tokens, chosen - top.squeeze(1) - total.log()
 
 
 class Engine:
