@@ -15,10 +15,11 @@ log-probs are those of the unfiltered softmax(logits / temperature), what GRPO's
 The paper samples G = 4 rollouts per prompt at temperature 0.8 (the caller's SamplingParams). Deviations from
 transformers' generate: no repetition penalty, beam search or min_new_tokens; stopping is by stop token ids or
 max_new_tokens only; completions are trimmed to the longest row. `compile=True` wraps the decode step in
-torch.compile (one graph for all steps); tests run eager.
+torch.compile (one graph for all steps); tests run eager. `cuda_graphs=True` (on a GPU, with compile) records the
+step as a CUDA graph per shape bucket and replays it with one launch per token (vlaa_min/decode_graphs.py).
 
 Usage:
-    engine = Engine(model, pad_token_id=processor.pad_token_id)         # compile=True on GPU
+    engine = Engine(model, pad_token_id=processor.pad_token_id)         # on GPU: compile=True, cuda_graphs=True
     params = SamplingParams(max_new_tokens=512, temperature=0.8, stop_token_ids=(im_end_id, endoftext_id))
     rollout = engine.generate(batch, num_samples=4, params=params,
                               generator=torch.Generator(device).manual_seed(0))
@@ -30,12 +31,13 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from vlaa_min.cache import GroupedKVCache, KVCache
+from vlaa_min.decode_graphs import SLOT_MULTIPLE, Bucket, DecodeGraphs, round_up
 from vlaa_min.model import VLModel
 from vlaa_min.rope import next_position_ids
 
 # With compile=True the prompt cache length is rounded up to a multiple of this, so that prompts of varying length
 # reuse a handful of compiled decode graphs instead of recompiling for every batch.
-COMPILED_CACHE_MULTIPLE = 64
+COMPILED_CACHE_MULTIPLE = SLOT_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ def sample_tokens(
 class Engine:
     """Samples G completions per prompt from a VLModel; see the module docstring."""
 
-    def __init__(self, model: VLModel, pad_token_id: int, compile: bool = False, sync_every: int = 8):
+    def __init__(self, model: VLModel, pad_token_id: int, compile: bool = False, sync_every: int = 8,
+                 cuda_graphs: bool = False):  # fmt: skip
         if sync_every < 1:
             raise ValueError(f"Engine.sync_every must be >= 1, got {sync_every}")
         self.model = model
@@ -166,27 +169,32 @@ class Engine:
         self.compiled = compile
         # The decode step has fixed shapes, so one compiled graph serves every step of a generate call. On CPU the
         # C++ wrapper calls the step's kernels without a Python round trip each (docs/speed.md has what that
-        # saves); on GPU the default Python wrapper is kept.
+        # saves); on GPU the default Python wrapper is kept (CUDA graphs remove its launches).
         on_cpu = model.lm_head.weight.device.type == "cpu"
         options = {"cpp_wrapper": True} if on_cpu else None
         self._step = torch.compile(self._decode_step, dynamic=False, options=options) if compile else self._decode_step
+        # Off CUDA the buckets run without capture: the same buffers and shapes, which the CPU tests check.
+        self.graphs = DecodeGraphs(self._step, capture=not on_cpu) if cuda_graphs else None
 
-    def _decode_step(self, tokens, position_ids, cache_position, cache, uniform, params):
+    def _decode_step(self, tokens, position_ids, cache_position, cache, uniform, params, banned=None):
         """Feed one token per row (N,) at cache slot cache_position (1,) -> next tokens (N,), their log-probs (N,)."""
         logits = self.model(tokens[:, None], position_ids, cache=cache, cache_position=cache_position)  # (N, 1, V)
-        return sample_tokens(logits[:, -1], params, uniform)
+        return sample_tokens(logits[:, -1], params, uniform, banned)
 
-    def _prefill(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new):
+    def _prefill(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new,
+                 bucket: Bucket | None = None):  # fmt: skip
         """Run each prompt (and its images) once and hand it to its G sample rows (row p*G + g).
 
-        Returns the decode cache (GroupedKVCache: the prompts' keys/values once, max_new generated slots per row),
-        each row's first-token logits (N, V) and the position id of its first generated token (N,).
+        Returns the decode cache (GroupedKVCache: the prompts' keys/values once, max_new generated slots per row;
+        a CUDA-graph bucket's own cache when given), each row's first-token logits (N, V) and the position id of
+        its first generated token (N,).
         """
         prompt_count, prompt_len = input_ids.shape
-        prompt_slots = prompt_len
-        if self.compiled:
-            prompt_slots = -(-prompt_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
-        cache = KVCache.for_model(self.model, prompt_count, prompt_slots)
+        if bucket is not None:
+            cache = bucket.start()
+        else:
+            prompt_slots = round_up(prompt_len, COMPILED_CACHE_MULTIPLE) if self.compiled else prompt_len
+            cache = KVCache.for_model(self.model, prompt_count, prompt_slots)
         hidden = self.model(
             input_ids,
             position_ids,
@@ -199,7 +207,7 @@ class Engine:
         )  # (B, T, D)
         first_logits = self.model.lm_head(hidden[:, -1])  # (B, V): left padding puts every last token in column T-1
         # Each row draws its own first token from these logits (the caller); the prompt's keys/values stay one copy.
-        cache = GroupedKVCache(cache, num_samples, max_new)
+        cache = bucket.cache if bucket is not None else GroupedKVCache(cache, num_samples, max_new)
         first_logits = first_logits.repeat_interleave(num_samples, dim=0)  # (N, V)
         next_position = next_position_ids(position_ids, attention_mask).repeat_interleave(num_samples)  # (N,)
         return cache, first_logits, next_position
@@ -235,13 +243,24 @@ class Engine:
 
         prompt_count, max_new = input_ids.shape[0], params.max_new_tokens
         rows = prompt_count * num_samples
+        bucket = None
+        if self.graphs is not None:
+            bucket = self.graphs.bucket(self.model, prompt_count, num_samples, input_ids.shape[1], params)
         # --- prefill each prompt once; its G rows each draw their own first token below
         cache, first_logits, next_position = self._prefill(
-            input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new
+            input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new, bucket
         )
         # Generated tokens are text: the same position on all three MRoPE axes, one more per step.
         step_positions = (next_position[:, None] + torch.arange(max_new, device=device)).expand(3, -1, -1)  # (3,N,L)
         cache_positions = torch.arange(cache.prompt_len, cache.prompt_len + max_new, device=device)  # (L,)
+        banned = None
+        if params.banned_token_ids:
+            banned = torch.tensor(params.banned_token_ids, dtype=torch.long, device=device)
+
+        def decode_step(tokens, position_ids, cache_position, uniform):
+            if bucket is not None:
+                return bucket.step(tokens, position_ids, cache_position, uniform)
+            return self._step(tokens, position_ids, cache_position, cache, uniform, params, banned)
 
         completion_ids = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
@@ -254,7 +273,7 @@ class Engine:
         # --- decode: step s records token s, then feeds it to get token s + 1
         if uniform is not None:
             uniform.uniform_(generator=generator)
-        tokens, token_logprobs = sample_tokens(first_logits, params, uniform)
+        tokens, token_logprobs = sample_tokens(first_logits, params, uniform, banned)
         for step in range(max_new):
             tokens = tokens.masked_fill(done, self.pad_token_id)  # finished rows are fed the pad token
             completion_ids[:, step] = tokens
@@ -268,8 +287,8 @@ class Engine:
                 break
             if uniform is not None:
                 uniform.uniform_(generator=generator)
-            tokens, token_logprobs = self._step(
-                tokens, step_positions[:, :, step : step + 1], cache_positions[step : step + 1], cache, uniform, params
+            tokens, token_logprobs = decode_step(
+                tokens, step_positions[:, :, step : step + 1], cache_positions[step : step + 1], uniform
             )
 
         longest = int(lengths.max())
