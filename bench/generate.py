@@ -235,9 +235,10 @@ def main(cfg: BenchConfig) -> None:
         run()
         print(f"{name}: warm-up call {time.perf_counter() - start:.1f} s", flush=True)
     timings = {name: [] for name in runners}
-    for _ in range(cfg.repeats):
+    for repeat in range(cfg.repeats):
         for name, run in runners.items():
             timings[name].append(timed(run, device))
+            print(f"repeat {repeat + 1}: {name} {timings[name][-1][0]:.3f} s", flush=True)  # kept if a run is cut short
     wall = {name: statistics.median(t[0] for t in times) for name, times in timings.items()}
     cpu = {name: statistics.median(t[1] for t in times) for name, times in timings.items()}
     peak = {name: max(t[2] for t in times) for name, times in timings.items()}
@@ -249,7 +250,7 @@ def main(cfg: BenchConfig) -> None:
     text = model_config.text
     print(f"\n{cfg.config}: {text.num_hidden_layers} layers, d={text.hidden_size}, vocab {text.vocab_size:,}, "
           f"vision depth {model_config.vision.depth}; {sum(p.numel() for p in ours.parameters()) / 1e6:,.0f}M "
-          f"parameters; {cfg.prompts} prompts x G={cfg.samples} x {cfg.new_tokens} new tokens, "
+          f"parameters ({sum(p.numel() * p.element_size() for p in ours.parameters()) / 2**30:.1f} GiB); {cfg.prompts} prompts x G={cfg.samples} x {cfg.new_tokens} new tokens, "
           f"{batch.input_ids.shape[1]}-token prompts; {device_name}, {str(dtype).removeprefix('torch.')}; "
           f"median of {cfg.repeats}\n")  # fmt: skip
     # On a shared CPU the wall time also counts other processes; the process CPU time does not (with one
