@@ -256,14 +256,18 @@ def main(cfg: BenchConfig) -> None:
     # On a shared CPU the wall time also counts other processes; the process CPU time does not (with one
     # thread it is the cleaner comparison; with several it includes threads spinning while they wait).
     references = [name for name in ("hf", "hf-static") if name in runners]
-    columns = "".join(f" vs {ENGINE_NAMES[ref]} |" for ref in references)
+    short = {"hf": "transformers", "hf-static": "transformers static"}
+    wall_columns = "".join(f" vs {short[ref]} |" for ref in references)
+    cpu_columns = "".join(f" vs {short[ref]} (CPU s) |" for ref in references)
     memory = " peak GiB |" if device.type == "cuda" else ""
-    print(f"| engine | tokens/s | wall s |{columns} process CPU s |{memory}")
-    print("|---|---:|---:|" + "---:|" * (len(references) + 1 + bool(memory)))
+    print(f"| engine | tokens/s | wall s |{wall_columns} process CPU s |{cpu_columns}{memory}")
+    print("|---|---:|---:|" + "---:|" * (2 * len(references) + 1 + bool(memory)))
     for name in runners:
-        ratios = "".join(f" {wall[ref] / wall[name]:.2f}x |" for ref in references)
+        wall_ratios = "".join(f" {wall[ref] / wall[name]:.2f}x |" for ref in references)
+        cpu_ratios = "".join(f" {cpu[ref] / cpu[name]:.2f}x |" for ref in references)
         gib = f" {peak[name] / 2**30:.1f} |" if memory else ""
-        print(f"| {ENGINE_NAMES[name]} | {n_tokens / wall[name]:,.0f} | {wall[name]:.3f} |{ratios} {cpu[name]:.3f} |{gib}")
+        print(f"| {ENGINE_NAMES[name]} | {n_tokens / wall[name]:,.0f} | {wall[name]:.3f} |{wall_ratios} "
+              f"{cpu[name]:.3f} |{cpu_ratios}{gib}")
     print(f"\ncommand: python {' '.join(shlex.quote(arg) for arg in sys.argv)}")
 
 
