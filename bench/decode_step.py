@@ -159,22 +159,25 @@ def main(cfg: BenchConfig) -> None:
             print(f"{name}: first call {time.perf_counter() - start:.1f} s", flush=True)
             for _ in range(warmups):
                 call()
-        seconds = {name: [] for name in calls}
+        seconds = {name: [] for name in calls}  # (wall, this process's CPU) per call
         for _ in range(cfg.rounds):
             for name, call in calls.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 call()
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append((time.perf_counter() - start, time.process_time() - start_cpu))
 
-    median_ms = {name: 1e3 * statistics.median(times) for name, times in seconds.items()}
+    median_ms = {name: 1e3 * statistics.median(wall for wall, _ in times) for name, times in seconds.items()}
+    cpu_ms = {name: 1e3 * statistics.median(cpu for _, cpu in times) for name, times in seconds.items()}
     print(f"\n{cfg.prompts} prompts x {cfg.samples} samples = {rows} rows, {batch.input_ids.shape[1]}-token prompts, "
           f"{cfg.new_tokens} generated slots; {cfg.config}, {config.text.num_hidden_layers} layers, "
           f"{'compiled' if cfg.compile else 'eager'}; CPU, {torch.get_num_threads()} threads, fp32; "
           f"median of {cfg.rounds} alternated calls\n")  # fmt: skip
-    print("| variant | ms per call | minus the step's |")
-    print("|---|---:|---:|")
+    # With one thread the process CPU time leaves out the time other processes held the core.
+    print("| variant | ms per call | minus the step's | process CPU ms | minus the step's |")
+    print("|---|---:|---:|---:|---:|")
     for name, ms in median_ms.items():
-        print(f"| {name} | {ms:.3f} | {ms - median_ms['step']:+.3f} |")
+        print(f"| {name} | {ms:.3f} | {ms - median_ms['step']:+.3f} | {cpu_ms[name]:.3f} "
+              f"| {cpu_ms[name] - cpu_ms['step']:+.3f} |")
     print(f"\ncommand: python {' '.join(shlex.quote(arg) for arg in sys.argv)}")
 
 
