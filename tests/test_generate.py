@@ -142,8 +142,8 @@ def logprobs_by_forward(model: VLModel, batch: PromptBatch, rollout, repeats: in
     return logprobs[:, batch.input_ids.shape[1] :]
 
 
-def generate(model, batch, num_samples, seed=0, device="cpu", compile=False, **params):
-    return Engine(model, PAD, compile=compile).generate(
+def generate(model, batch, num_samples, seed=0, device="cpu", compile=False, cuda_graphs=False, **params):
+    return Engine(model, PAD, compile=compile, cuda_graphs=cuda_graphs).generate(
         batch.to(device), num_samples, SamplingParams(**params), torch.Generator(device).manual_seed(seed)
     )
 
@@ -359,3 +359,28 @@ def test_compiled_decode_step_gives_the_same_greedy_tokens():
     compiled = Engine(model, PAD, compile=True).generate(batch, 2, params, None)
     assert torch.equal(compiled.completion_ids, eager.completion_ids)
     assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- CUDA-graph buckets (captured on GPU only)
+
+
+def test_graph_buckets_reused_across_calls_give_the_same_rollouts():
+    """cuda_graphs=True off CUDA runs the buckets' static buffers without capture. Prompts of two lengths fall in
+    one bucket (slots round up to 64): each call must equal a fresh engine's rollout, so nothing of the previous
+    call (its longer prompt's valid slots, its generated tokens) leaks into the next."""
+    model = make_model()
+    longer = make_batch(MIXED_PROMPTS, seed=2)
+    shorter = make_batch([(3, None), (9, (1, 4, 4)), (4, None)], seed=3)
+    sampled = SamplingParams(max_new_tokens=7, temperature=0.9, banned_token_ids=(IMAGE,))
+    greedy = SamplingParams(max_new_tokens=5, greedy=True)
+    engine = Engine(model, PAD, cuda_graphs=True)
+    for batch, params in [(longer, sampled), (shorter, sampled), (longer, greedy), (shorter, sampled)]:
+        got = engine.generate(batch, 2, params, torch.Generator().manual_seed(7))
+        want = Engine(model, PAD).generate(batch, 2, params, torch.Generator().manual_seed(7))
+        assert torch.equal(got.completion_ids, want.completion_ids)
+        assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+    # One bucket per sampling setting; both share the generated keys/values (6 rows x 64 slots).
+    assert len(engine.graphs.buckets) == 2 and len(engine.graphs.generated) == 1
+    first, second = engine.graphs.buckets.values()
+    assert first.cache.layers[0][0] is second.cache.layers[0][0]
+    assert first.cache.prompt_len == 64 and first.cache.valid.shape == (6, 64)

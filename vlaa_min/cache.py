@@ -55,16 +55,27 @@ class GroupedKVCache:
     The softmax runs over prompt and generated slots together, so it is exactly ordinary attention.
     """
 
-    def __init__(self, prompt: KVCache, group_size: int, max_new_tokens: int):
+    def __init__(self, prompt: KVCache, group_size: int, max_new_tokens: int, generated=None):
+        """generated: the buffers of `allocate_generated(prompt, group_size, max_new_tokens)` to write into (the
+        CUDA-graph buckets share them); None allocates them."""
         self.prompt = prompt
         self.group_size = group_size
+        if generated is None:
+            generated = self.allocate_generated(prompt, group_size, max_new_tokens)
+        self.layers, self.valid = generated
+        if self.valid.shape != (prompt.batch_size * group_size, max_new_tokens):
+            raise ValueError(f"GroupedKVCache: generated buffers {tuple(self.valid.shape)} do not fit "
+                             f"{prompt.batch_size} prompts x {group_size} samples x {max_new_tokens} slots")
+
+    @staticmethod
+    def allocate_generated(prompt: KVCache, group_size: int, max_new_tokens: int):
+        """Per layer (k, v) (N, Hkv, L, Dh) for each row's generated tokens, and their valid flags (N, L)."""
         layers, prompts, kv_heads, _, head_dim = prompt.k.shape
         shape = (prompts * group_size, kv_heads, max_new_tokens, head_dim)
         # One (k, v) pair per layer (each written in place by its layer's attention; nothing needs them stacked).
-        self.layers = [tuple(torch.zeros(shape, dtype=prompt.k.dtype, device=prompt.k.device) for _ in "kv")
-                       for _ in range(layers)]
-        self.valid = torch.zeros(shape[0], max_new_tokens, dtype=torch.bool, device=prompt.k.device)
-        self.prompt_valid = prompt.valid.repeat_interleave(group_size, dim=0)  # (N, S_p)
+        kv = [tuple(torch.zeros(shape, dtype=prompt.k.dtype, device=prompt.k.device) for _ in "kv")
+              for _ in range(layers)]
+        return kv, torch.zeros(shape[0], max_new_tokens, dtype=torch.bool, device=prompt.k.device)
 
     @property
     def prompt_len(self) -> int:
@@ -72,7 +83,8 @@ class GroupedKVCache:
 
     def attention_bias(self) -> torch.Tensor:
         """(N, 1, 1, S_p + L) float32: 0 on valid slots, -inf elsewhere."""
-        valid = torch.cat([self.prompt_valid, self.valid], dim=1)
+        prompt_valid = self.prompt.valid.repeat_interleave(self.group_size, dim=0)  # (N, S_p)
+        valid = torch.cat([prompt_valid, self.valid], dim=1)
         return torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None]
 
     def attend(self, layer: int, q, k, v, cache_position, bias) -> torch.Tensor:

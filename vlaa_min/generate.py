@@ -8,17 +8,19 @@ GRPO spends most of its time here, so the engine does the minimum per generated 
    OWN first token: drawing it before the hand-over would start all G samples of a group identically.
 3. Decode with fixed shapes: one token per row per step at the row's slot `step`, position next_position + step
    on all three MRoPE axes. Finished rows are fed the pad token, with log-prob 0. The host checks "all rows
-   done" only every `sync_every` steps, so the loop never waits on the device for a single token.
+   done" only every `sync_every` steps, so the loop never waits on the device for a single token. With
+   `cuda_graphs=True` each step is one graph replay on buffers kept between calls (vlaa_min/decode_graphs.py).
 Sampling (sample_tokens): logits / temperature, top-k, top-p, one inverse-CDF draw per row; the returned
 log-probs are those of the unfiltered softmax(logits / temperature), what GRPO's ratio needs.
 
 The paper samples G = 4 rollouts per prompt at temperature 0.8 (the caller's SamplingParams). Deviations from
 transformers' generate: no repetition penalty, beam search or min_new_tokens; stopping is by stop token ids or
 max_new_tokens only; completions are trimmed to the longest row. `compile=True` wraps the decode step in
-torch.compile (one graph for all steps); tests run eager.
+torch.compile (one graph for all steps); tests run eager. `cuda_graphs=True` (on a GPU, best with compile) records
+the step as a CUDA graph per shape bucket and replays it with one launch per token.
 
 Usage:
-    engine = Engine(model, pad_token_id=processor.pad_token_id)         # compile=True on GPU
+    engine = Engine(model, pad_token_id=processor.pad_token_id)         # on GPU: compile=True, cuda_graphs=True
     params = SamplingParams(max_new_tokens=512, temperature=0.8, stop_token_ids=(im_end_id, endoftext_id))
     rollout = engine.generate(batch, num_samples=4, params=params,
                               generator=torch.Generator(device).manual_seed(0))
@@ -30,12 +32,13 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from vlaa_min.cache import GroupedKVCache, KVCache
+from vlaa_min.decode_graphs import SLOT_MULTIPLE, Bucket, DecodeGraphs, round_up
 from vlaa_min.model import VLModel
 from vlaa_min.rope import next_position_ids
 
 # With compile=True the prompt cache length is rounded up to a multiple of this, so that prompts of varying length
 # reuse a handful of compiled decode graphs instead of recompiling for every batch.
-COMPILED_CACHE_MULTIPLE = 64
+COMPILED_CACHE_MULTIPLE = SLOT_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -99,47 +102,66 @@ def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return scaled
 
 
-def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """One token per row (N,) of probs (N, V), using uniform (N,) in [0, 1).
+def inverse_cdf_sample(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row (N,) of weights (N, V) >= 0, in proportion to them, using uniform (N,) in [0, 1)."""
+    return draw_from_cdf(weights.cumsum(dim=-1), uniform)
+
+
+def draw_from_cdf(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row (N,) given the cumulative sums (N, V) of non-negative weights and uniform (N,) in [0, 1).
 
     The threshold (1 - U) * total lies in (0, total], so the first index whose cumulative sum reaches it
     always has positive probability (a zero-probability token never adds to the sum), and the total is the
     cumulative sum's own last entry, so rounding in the sum cannot push the threshold past the end. (Over Qwen's
     151,936 entries the float32 sum stays within 1e-7 of a float64 one on CPU: each token's chance is off by less.)
     """
-    cdf = probs.cumsum(dim=-1)  # (N, V)
     threshold = (1.0 - uniform) * cdf[:, -1]  # (N,)
     return torch.searchsorted(cdf, threshold[:, None]).squeeze(1)
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None, banned: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens (N,) and their log-probs (N,) float32 under the unfiltered softmax(logits / temperature).
 
     uniform: (N,) Uniform[0, 1) draws, one per row (ignored when greedy). One number per row, not one per
     vocabulary entry as Gumbel-max needs; the caller draws them from its torch.Generator outside the (optionally
     compiled) step, so the same seed gives the same samples and the step stays a pure fixed-shape function.
+    banned: params.banned_token_ids as a long tensor on the logits' device, made once by the caller so that a
+    step copies nothing from the host (None: made here).
     With top_p = 1 and top_k = 0 the log-probs are those of the distribution sampled from (what a later forward
     pass at the same temperature recomputes); with top-k / top-p they are not renormalised over the kept tokens.
+    A (N, V) pass over Qwen's 151,936 entries costs about as much as a decoder layer's matmuls at N = 64, so
+    plain sampling makes four (max, exp, cumulative sum, the search) and reads the normaliser off the sum.
     """
-    scaled = logits.float() / params.temperature  # (N, V)
+    scaled = logits.float()  # (N, V)
+    if params.temperature != 1.0:
+        scaled = scaled / params.temperature
+    top = scaled.amax(dim=-1, keepdim=True)  # (N, 1)
+    weights = torch.exp(scaled - top)  # (N, V): softmax(scaled) before its division
     allowed = scaled
     if params.banned_token_ids:
-        allowed = scaled.index_fill(1, scaled.new_tensor(params.banned_token_ids, dtype=torch.long), float("-inf"))
-    if params.greedy:
-        tokens = allowed.argmax(dim=-1)
+        if banned is None:
+            banned = scaled.new_tensor(params.banned_token_ids, dtype=torch.long)
+        allowed = scaled.index_fill(1, banned, float("-inf"))
+    if not params.greedy and allowed is scaled and params.top_k == 0 and params.top_p == 1.0:
+        cdf = weights.cumsum(dim=-1)  # (N, V)
+        tokens, total = draw_from_cdf(cdf, uniform), cdf[:, -1]
     else:
-        filtered = filter_logits(allowed, params.top_k, params.top_p)
-        tokens = inverse_cdf_sample(torch.softmax(filtered, dim=-1), uniform)
+        if params.greedy:
+            tokens = allowed.argmax(dim=-1)
+        else:
+            tokens = inverse_cdf_sample(torch.exp(filter_logits(allowed, params.top_k, params.top_p) - top), uniform)
+        total = weights.sum(dim=-1)
     chosen = scaled.gather(1, tokens[:, None]).squeeze(1)
-    return tokens, chosen - torch.logsumexp(scaled, dim=-1)
+    return tokens, chosen - top.squeeze(1) - total.log()
 
 
 class Engine:
     """Samples G completions per prompt from a VLModel; see the module docstring."""
 
-    def __init__(self, model: VLModel, pad_token_id: int, compile: bool = False, sync_every: int = 8):
+    def __init__(self, model: VLModel, pad_token_id: int, compile: bool = False, sync_every: int = 8,
+                 cuda_graphs: bool = False):  # fmt: skip
         if sync_every < 1:
             raise ValueError(f"Engine.sync_every must be >= 1, got {sync_every}")
         self.model = model
@@ -148,27 +170,32 @@ class Engine:
         self.compiled = compile
         # The decode step has fixed shapes, so one compiled graph serves every step of a generate call. On CPU the
         # C++ wrapper calls the step's kernels without a Python round trip each (docs/speed.md has what that
-        # saves); on GPU the default Python wrapper is kept.
+        # saves); on GPU the default Python wrapper is kept (CUDA graphs remove its launches).
         on_cpu = model.lm_head.weight.device.type == "cpu"
         options = {"cpp_wrapper": True} if on_cpu else None
         self._step = torch.compile(self._decode_step, dynamic=False, options=options) if compile else self._decode_step
+        # Off CUDA the buckets run without capture: the same buffers and shapes, which the CPU tests check.
+        self.graphs = DecodeGraphs(self._step, capture=not on_cpu) if cuda_graphs else None
 
-    def _decode_step(self, tokens, position_ids, cache_position, cache, uniform, params):
+    def _decode_step(self, tokens, position_ids, cache_position, cache, uniform, params, banned=None):
         """Feed one token per row (N,) at cache slot cache_position (1,) -> next tokens (N,), their log-probs (N,)."""
         logits = self.model(tokens[:, None], position_ids, cache=cache, cache_position=cache_position)  # (N, 1, V)
-        return sample_tokens(logits[:, -1], params, uniform)
+        return sample_tokens(logits[:, -1], params, uniform, banned)
 
-    def _prefill(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new):
+    def _prefill(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new,
+                 bucket: Bucket | None = None):  # fmt: skip
         """Run each prompt (and its images) once and hand it to its G sample rows (row p*G + g).
 
-        Returns the decode cache (GroupedKVCache: the prompts' keys/values once, max_new generated slots per row),
-        each row's first-token logits (N, V) and the position id of its first generated token (N,).
+        Returns the decode cache (GroupedKVCache: the prompts' keys/values once, max_new generated slots per row;
+        a CUDA-graph bucket's own cache when given), each row's first-token logits (N, V) and the position id of
+        its first generated token (N,).
         """
         prompt_count, prompt_len = input_ids.shape
-        prompt_slots = prompt_len
-        if self.compiled:
-            prompt_slots = -(-prompt_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
-        cache = KVCache.for_model(self.model, prompt_count, prompt_slots)
+        if bucket is not None:
+            cache = bucket.start()
+        else:
+            prompt_slots = round_up(prompt_len, COMPILED_CACHE_MULTIPLE) if self.compiled else prompt_len
+            cache = KVCache.for_model(self.model, prompt_count, prompt_slots)
         hidden = self.model(
             input_ids,
             position_ids,
@@ -181,7 +208,7 @@ class Engine:
         )  # (B, T, D)
         first_logits = self.model.lm_head(hidden[:, -1])  # (B, V): left padding puts every last token in column T-1
         # Each row draws its own first token from these logits (the caller); the prompt's keys/values stay one copy.
-        cache = GroupedKVCache(cache, num_samples, max_new)
+        cache = bucket.cache if bucket is not None else GroupedKVCache(cache, num_samples, max_new)
         first_logits = first_logits.repeat_interleave(num_samples, dim=0)  # (N, V)
         next_position = next_position_ids(position_ids, attention_mask).repeat_interleave(num_samples)  # (N,)
         return cache, first_logits, next_position
@@ -217,13 +244,24 @@ class Engine:
 
         prompt_count, max_new = input_ids.shape[0], params.max_new_tokens
         rows = prompt_count * num_samples
+        bucket = None
+        if self.graphs is not None:
+            bucket = self.graphs.bucket(self.model, prompt_count, num_samples, input_ids.shape[1], params)
         # --- prefill each prompt once; its G rows each draw their own first token below
         cache, first_logits, next_position = self._prefill(
-            input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new
+            input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new, bucket
         )
         # Generated tokens are text: the same position on all three MRoPE axes, one more per step.
         step_positions = (next_position[:, None] + torch.arange(max_new, device=device)).expand(3, -1, -1)  # (3,N,L)
         cache_positions = torch.arange(cache.prompt_len, cache.prompt_len + max_new, device=device)  # (L,)
+        banned = None
+        if params.banned_token_ids:
+            banned = torch.tensor(params.banned_token_ids, dtype=torch.long, device=device)
+
+        def decode_step(tokens, position_ids, cache_position, uniform):
+            if bucket is not None:
+                return bucket.step(tokens, position_ids, cache_position, uniform)
+            return self._step(tokens, position_ids, cache_position, cache, uniform, params, banned)
 
         completion_ids = torch.full((rows, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
@@ -236,7 +274,7 @@ class Engine:
         # --- decode: step s records token s, then feeds it to get token s + 1
         if uniform is not None:
             uniform.uniform_(generator=generator)
-        tokens, token_logprobs = sample_tokens(first_logits, params, uniform)
+        tokens, token_logprobs = sample_tokens(first_logits, params, uniform, banned)
         for step in range(max_new):
             tokens = tokens.masked_fill(done, self.pad_token_id)  # finished rows are fed the pad token
             completion_ids[:, step] = tokens
@@ -250,8 +288,8 @@ class Engine:
                 break
             if uniform is not None:
                 uniform.uniform_(generator=generator)
-            tokens, token_logprobs = self._step(
-                tokens, step_positions[:, :, step : step + 1], cache_positions[step : step + 1], cache, uniform, params
+            tokens, token_logprobs = decode_step(
+                tokens, step_positions[:, :, step : step + 1], cache_positions[step : step + 1], uniform
             )
 
         longest = int(lengths.max())
