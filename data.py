@@ -412,14 +412,21 @@ class EpochSampler:
     next_batch() runs forever: a batch that reaches the end of an epoch continues with the next epoch's order,
     so no record is ever dropped and every epoch visits each record exactly once. batches(one_epoch=True) stops
     at the end of the current epoch instead (its last batch may be short).
+
+    Under torchrun (world_size > 1) every rank draws the same global batch and next_batch returns this rank's
+    contiguous share of it: shares are disjoint, together they are the one-process batch, and since every rank's
+    state is the same, a resumed sampler continues every share exactly.
     """
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if num_items <= 0:
             raise ValueError(f"EpochSampler: num_items must be positive, got {num_items}")
         if seed < 0:
             raise ValueError(f"EpochSampler: seed must be >= 0, got {seed}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EpochSampler: rank {rank} is not in 0..{world_size - 1}")
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -438,12 +445,17 @@ class EpochSampler:
         return indices
 
     def next_batch(self, batch_size: int) -> list[int]:
+        """The next global batch of `batch_size` indices (this rank's share of it under torchrun)."""
         if batch_size <= 0:
             raise ValueError(f"EpochSampler: batch_size must be positive, got {batch_size}")
+        if batch_size % self.world_size:
+            raise ValueError(f"EpochSampler: a batch of {batch_size} does not split evenly over {self.world_size} "
+                             f"ranks")
         batch: list[int] = []
         while len(batch) < batch_size:
             batch += self._take(batch_size - len(batch))
-        return batch
+        share = batch_size // self.world_size
+        return batch[self.rank * share : (self.rank + 1) * share]
 
     def batches(self, batch_size: int, *, one_epoch: bool = False):
         """Iterate batches forever, or (one_epoch) until the end of the current epoch."""
