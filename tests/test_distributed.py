@@ -6,7 +6,21 @@ are taken (a gradient reduced over 2 ranks adds 2 partial sums instead of one ru
 below are a few ulps of fp32 scaled by the number of terms, not fitted to a run.
 """
 
+import json
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
 import data
+import train_sft
+from vlaa_min import distributed
+from vlaa_min.metrics import read_metrics
+from vlaa_min.model import VLModel
+from vlaa_min.toy_model import build_toy_checkpoint
 
 
 def test_sampler_shares_are_disjoint_cover_the_batch_and_resume_exactly():
@@ -28,9 +42,92 @@ def test_sampler_shares_are_disjoint_cover_the_batch_and_resume_exactly():
 
 
 def test_sampler_refuses_a_batch_that_does_not_split_over_the_ranks():
-    import pytest
-
     with pytest.raises(ValueError, match="does not split evenly over 4 ranks"):
         data.EpochSampler(10, seed=0, rank=0, world_size=4).next_batch(6)
     with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
         data.EpochSampler(10, seed=0, rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------- two gloo processes vs one
+
+
+def _run_ranks(world: int, target, *args) -> None:
+    """Run target(*args) in `world` spawned processes joined by gloo (what torchrun sets up: the env variables)."""
+    port = _free_port()
+    mp.start_processes(_rank_main, args=(world, port, target, args), nprocs=world, start_method="spawn", join=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, target, args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        target(*args)
+    finally:
+        distributed.shutdown()
+
+
+TINY = dict(text_num_hidden_layers=2, text_hidden_size=64, text_intermediate_size=128, text_num_attention_heads=2,
+            text_num_key_value_heads=1, text_mrope_section=[4, 6, 6], vision_depth=2, vision_out_hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Multiple-choice records whose questions differ (so a completion can only belong to its own prompt)."""
+    root = tmp_path_factory.mktemp("distributed")
+    rng = random.Random(0)
+    records = []
+    for i in range(32):
+        options = rng.sample(range(100), 4)
+        question = f"Which number is {options[2]}?\n" + "\n".join(f"{l}. {o}" for l, o in zip("ABCD", options))
+        letter = rng.choice("ABCD")
+        records.append({"id": f"q{i}", "question": question, "gt": "C", "verifier_type": "mcq",
+                        "answer": f"<think>It is {letter}.</think> <answer>{letter}</answer>"})
+    (root / "records.json").write_text(json.dumps(records))
+    build_toy_checkpoint(str(root / "init"), str(root), vocab_size=300, seed=0, **TINY)
+    return root
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return VLModel.from_pretrained(path).state_dict()
+
+
+def _assert_same_update(init, one, two, lr: float) -> None:
+    """Weights after one AdamW step from one process and from two.
+
+    AdamW's first step moves each weight by lr * g / (|g| + eps) (eps = 1e-8): a gradient much larger than eps
+    moves it by lr in the gradient's sign, whatever the gradient's last bits, so the two weights agree to fp32
+    rounding of w - lr (a few ulps). Only weights whose gradient is within a few eps of 0 (a move below lr / 2) may
+    see the summation order and move anywhere in [-lr, lr]; they must be few. (Weights without a gradient, the
+    vision tower on these image-free records, do not move in either run.)
+    """
+    w0, w1, w2 = _weights(init), _weights(one), _weights(two)
+    sure = total = 0
+    for name in w0:
+        moved = (w1[name] - w0[name]).abs()
+        confident = moved > lr / 2
+        ulps = 4 * torch.finfo(torch.float32).eps * (w1[name].abs() + lr)
+        assert ((w1[name] - w2[name]).abs() <= torch.where(confident, ulps, torch.full_like(ulps, 2 * lr))).all(), name
+        sure, total = sure + int(confident.sum()), total + int((moved > 0).sum())
+    assert sure > 0.5 * total  # the tight comparison covers most of the weights that moved
+
+
+def _sft(root, out, **overrides):
+    settings = dict(model=str(root / "init"), data=str(root / "records.json"), images=str(root), out=str(root / out),
+                    steps=1, batch_size=8, micro_batch_size=4, lr=1e-3, warmup_ratio=0.0, eval_size=8,
+                    eval_every=0, freeze_vision=False, device="cpu", overwrite=True)
+    return train_sft.SFTConfig(**(settings | overrides))
+
+
+def test_one_sft_step_on_two_ranks_is_one_process_step(world):
+    train_sft.main(_sft(world, "sft-1"))
+    _run_ranks(2, train_sft.main, _sft(world, "sft-2"))
+    loss_1, loss_2 = (read_metrics(world / out / "metrics.jsonl")[0]["loss"] for out in ("sft-1", "sft-2"))
+    assert loss_2 == pytest.approx(loss_1, rel=1e-5)  # one fp32 sum over ~10^2 tokens taken in another order
+    _assert_same_update(world / "init", world / "sft-1" / "model", world / "sft-2" / "model", lr=1e-3)

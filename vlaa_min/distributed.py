@@ -19,10 +19,22 @@ for 7B; 4 on CPU) on top of its shards; the KV cache comes on top of that (bench
 
 import contextlib
 import os
+import sys
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+# Whole tensors, gathered to rank 0's CPU (the other ranks get {}): what an HF checkpoint holds.
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def setup(device_name: str) -> torch.device:
@@ -36,6 +48,8 @@ def setup(device_name: str) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints; errors (stderr) still come from every rank
     return device
 
 
@@ -78,6 +92,9 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """
     if not is_distributed():
         return model
+    # A decoder layer also returns its keys/values, views that nothing modifies in place: FSDP2's warning about
+    # in-place ops on returned views does not apply.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     if device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -88,6 +105,12 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "encode_prefix")
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            # Sum, not average, the ranks' gradients: the trainers divide the loss by the global count. A plain
+            # SUM collective (gloo has no pre-scaled sum).
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
     return model
 
 
@@ -112,16 +135,14 @@ def gathered(model: torch.nn.Module):
             unit.set_reshard_after_forward(True, recurse=False)
 
 
-def all_reduce_sum(value):
-    """Sum a float or a tensor over the ranks (a float comes back as a float)."""
+def all_reduce_sum(value: float) -> float:
+    """A number summed over the ranks (in float64, so that counts stay exact)."""
     if not is_distributed():
         return value
-    tensor = torch.as_tensor(value, dtype=torch.float64).clone()
-    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = torch.tensor(float(value), dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor)
-    return float(tensor) if isinstance(value, (int, float)) else tensor.to(value.dtype if torch.is_tensor(value)
-                                                                           else tensor.dtype)
+    return type(value)(tensor.item()) if isinstance(value, int) else tensor.item()
 
 
 def all_gather_objects(value) -> list:
@@ -136,3 +157,37 @@ def all_gather_objects(value) -> list:
 def full_norm(norm: torch.Tensor) -> float:
     """clip_grad_norm_ returns a DTensor for sharded gradients: its value as a float."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights (on rank 0; {} on the others under FSDP). Every rank must call it: it all-gathers."""
+    if not isinstance(model, FSDPModule):
+        return model.state_dict()
+    model.reshard()  # the root keeps its gathered weights after a forward without backward (an eval)
+    return get_model_state_dict(model, options=FULL)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state (rank 0), keyed by parameter name under FSDP; a collective like model_state."""
+    if not isinstance(model, FSDPModule):
+        return optimizer.state_dict()
+    model.reshard()
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Full weights (every rank has them) into the model, each rank keeping its shard."""
+    if not isinstance(model, FSDPModule):
+        model.load_state_dict(weights)
+        return
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if not isinstance(model, FSDPModule):
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
