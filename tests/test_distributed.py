@@ -16,10 +16,14 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+import train_grpo
 import train_sft
 from vlaa_min import distributed
+from vlaa_min.generate import Rollout
+from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
+from vlaa_min.processor import Processor
 from vlaa_min.toy_model import build_toy_checkpoint
 
 
@@ -98,22 +102,27 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return VLModel.from_pretrained(path).state_dict()
 
 
-def _assert_same_update(init, one, two, lr: float) -> None:
-    """Weights after one AdamW step from one process and from two.
+def _assert_same_update(init, one, two, lr: float, steps: int = 1) -> None:
+    """Weights after `steps` AdamW steps from one process and from two.
 
     AdamW's first step moves each weight by lr * g / (|g| + eps) (eps = 1e-8): a gradient much larger than eps
-    moves it by lr in the gradient's sign, whatever the gradient's last bits, so the two weights agree to fp32
-    rounding of w - lr (a few ulps). Only weights whose gradient is within a few eps of 0 (a move below lr / 2) may
-    see the summation order and move anywhere in [-lr, lr]; they must be few. (Weights without a gradient, the
-    vision tower on these image-free records, do not move in either run.)
+    moves it by lr in the gradient's sign, whatever the gradient's last bits. Later steps are smooth functions of
+    the gradients, whose relative difference is the fp32 summation-order error, at most n * 2^-24 for sums of n
+    terms: below 1e-3 for n up to 10^4. So weights that moved by more than lr / 2 agree within steps * lr * 1e-3
+    plus a few ulps. Only weights whose gradient is within a few eps of 0 may see the summation order and move
+    anywhere in [-lr, lr] per step; they must be few. So are the key biases: a bias on the keys adds the same
+    q.b to every logit of a query, which softmax ignores, so their gradient is 0 up to rounding noise that Adam
+    blows up to a full step. (Weights without a gradient, the vision tower on these image-free records, do not
+    move in either run.)
     """
     w0, w1, w2 = _weights(init), _weights(one), _weights(two)
     sure = total = 0
     for name in w0:
         moved = (w1[name] - w0[name]).abs()
-        confident = moved > lr / 2
-        ulps = 4 * torch.finfo(torch.float32).eps * (w1[name].abs() + lr)
-        assert ((w1[name] - w2[name]).abs() <= torch.where(confident, ulps, torch.full_like(ulps, 2 * lr))).all(), name
+        confident = (moved > lr / 2) & (not name.endswith("k_proj.bias"))
+        tight = steps * lr * 1e-3 + 4 * torch.finfo(torch.float32).eps * (w1[name].abs() + lr)
+        bound = torch.where(confident, tight, torch.full_like(tight, 2 * steps * lr))
+        assert ((w1[name] - w2[name]).abs() <= bound).all(), name
         sure, total = sure + int(confident.sum()), total + int((moved > 0).sum())
     assert sure > 0.5 * total  # the tight comparison covers most of the weights that moved
 
@@ -131,3 +140,55 @@ def test_one_sft_step_on_two_ranks_is_one_process_step(world):
     loss_1, loss_2 = (read_metrics(world / out / "metrics.jsonl")[0]["loss"] for out in ("sft-1", "sft-2"))
     assert loss_2 == pytest.approx(loss_1, rel=1e-5)  # one fp32 sum over ~10^2 tokens taken in another order
     _assert_same_update(world / "init", world / "sft-1" / "model", world / "sft-2" / "model", lr=1e-3)
+
+
+def _fixed_rollouts_then(main, cfg) -> None:
+    """Run `main(cfg)` with the engine's sampling replaced by completions fixed by each prompt's own tokens.
+
+    Sampling draws from one generator per rank, so 2 ranks cannot draw what one process draws; fixing the
+    completions per prompt (and scoring their pi_old log-probs under the policy, as the engine would) makes both
+    runs train on the same rollout wherever its prompts are sampled.
+    """
+    processor = Processor.from_pretrained(cfg.model)
+    stop = processor.stop_token_ids[0]
+
+    @torch.no_grad()
+    def generate(self, batch, num_samples, params, generator):
+        rows = []
+        for ids, valid in zip(batch.input_ids, batch.attention_mask):
+            seed = int((ids[valid] * torch.arange(int(valid.sum()))).sum())  # the prompt's identity
+            rng = random.Random(seed)
+            for _ in range(num_samples):
+                text = f"<think>{rng.choice(['so', 'it is'])}</think> <answer>{rng.choice('ABCD')}</answer>"
+                rows.append(processor.tokenizer.encode(text, add_special_tokens=False)[: params.max_new_tokens - 1])
+        lengths = torch.tensor([len(r) + 1 for r in rows])
+        ids = torch.full((len(rows), int(lengths.max())), processor.special_ids["pad_token_id"])
+        for i, r in enumerate(rows):
+            ids[i, : len(r) + 1] = torch.tensor(r + [stop])
+        prompt_index = torch.arange(len(batch.input_ids)).repeat_interleave(num_samples)
+        logp, _ = completion_logprobs(self.model, batch, ids, lengths, params.temperature, prompt_rows=prompt_index)
+        return Rollout(ids, lengths, torch.ones(len(rows), dtype=torch.bool), ["stop"] * len(rows), logp.float(),
+                       prompt_index)
+
+    train_grpo.Engine.generate = generate
+    main(cfg)
+
+
+def _grpo(root, out, **overrides):
+    settings = dict(model=str(root / "init"), data=str(root / "records.json"), images=str(root), eval_data=None,
+                    out=str(root / out), steps=1, prompts_per_step=4, group_size=4, max_new_tokens=24,
+                    train_batch_size=16, micro_batch_size=4, mu=2, lr=1e-3, warmup_ratio=0.0, kl_init=0.05,
+                    kl_target=0.01, save_every=0, sample_every=0, device="cpu", overwrite=True)
+    return train_grpo.GRPOConfig(**(settings | overrides))
+
+
+def test_one_grpo_step_on_two_ranks_is_one_process_step(world):
+    """beta > 0 (a sharded reference) and mu = 2: two updates from the same rollout, the second off-policy."""
+    _fixed_rollouts_then(train_grpo.main, _grpo(world, "grpo-1"))
+    _run_ranks(2, _fixed_rollouts_then, train_grpo.main, _grpo(world, "grpo-2"))
+    one, two = (read_metrics(world / out / "metrics.jsonl")[0] for out in ("grpo-1", "grpo-2"))
+    for key in ("reward", "accuracy", "completion_length", "frac_reward_zero_std"):
+        assert two[key] == one[key], key  # the same rollout, gathered from both ranks
+    for key in ("loss", "kl", "beta", "entropy", "grad_norm"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-9), key
+    _assert_same_update(world / "init", world / "grpo-1" / "model", world / "grpo-2" / "model", lr=1e-3, steps=2)
