@@ -182,6 +182,9 @@ def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
 
 def check_world_size(cfg: GRPOConfig, world: int) -> None:
     """Under torchrun each rank takes P / N whole prompts and T / N samples of every optimizer batch."""
+    if world > cfg.prompts_per_step:
+        raise ConfigError(f"{world} processes (NPROC) are more than the --prompts-per-step {cfg.prompts_per_step}: "
+                          f"each process samples whole prompts")
     if cfg.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {world} processes "
                           f"(NPROC), each of which samples whole prompts")

@@ -9,6 +9,7 @@ below are a few ulps of fp32 scaled by the number of terms, not fitted to a run.
 import json
 import os
 import random
+import shutil
 import socket
 
 import pytest
@@ -19,6 +20,7 @@ import data
 import train_grpo
 import train_sft
 from vlaa_min import distributed
+from vlaa_min.cli import ConfigError, UserError
 from vlaa_min.generate import Rollout
 from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import read_metrics
@@ -192,3 +194,50 @@ def test_one_grpo_step_on_two_ranks_is_one_process_step(world):
     for key in ("loss", "kl", "beta", "entropy", "grad_norm"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-9), key
     _assert_same_update(world / "init", world / "grpo-1" / "model", world / "grpo-2" / "model", lr=1e-3, steps=2)
+
+
+def _grpo_run(root, out, **overrides):
+    """Real sampling (each rank's own generator), two steps, a checkpoint after each."""
+    return _grpo(root, out, steps=2, save_every=1, mu=1, train_batch_size=8, **overrides)
+
+
+def test_a_two_rank_checkpoint_loads_anywhere_and_resumes_exactly_under_two_ranks(world):
+    from transformers import AutoModelForImageTextToText
+
+    out = world / "grpo-resume"
+    _run_ranks(2, train_grpo.main, _grpo_run(world, "grpo-resume"))
+    shutil.copytree(out / "model", world / "grpo-straight")
+    # the checkpoint of step 1 is one HF directory: our loader and transformers read the same weights
+    step_1 = out / "checkpoints" / "step_000001"
+    ours = VLModel.from_pretrained(step_1).eval()
+    theirs = AutoModelForImageTextToText.from_pretrained(step_1).eval()
+    processor = Processor.from_pretrained(step_1)
+    batch = processor.collate_prompts([processor.encode_prompt("Which number is 3?", [])])
+    with torch.no_grad():
+        expected = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+        got = ours(batch.input_ids, batch.position_ids, batch.attention_mask)
+    assert torch.allclose(got, expected, atol=1e-4)
+    # as if the run died after step 1: resumed under 2 ranks it ends on the very same weights
+    shutil.rmtree(out / "checkpoints" / "step_000002")
+    shutil.rmtree(out / "model")
+    _run_ranks(2, train_grpo.main, _grpo_run(world, "grpo-resume", resume=True, overwrite=False))
+    straight, resumed = _weights(world / "grpo-straight"), _weights(out / "model")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]
+    # one process cannot continue what two started
+    with pytest.raises(UserError, match=r"written by 2 process\(es\); resume it with the same number"):
+        train_grpo.main(_grpo_run(world, "grpo-resume", resume=True, overwrite=False))
+
+
+def test_too_many_processes_for_the_prompts_or_groups_is_refused():
+    def check(world, **sizes):
+        train_grpo.check_world_size(train_grpo.GRPOConfig(**(dict(micro_batch_size=4) | sizes)), world)
+
+    with pytest.raises(ConfigError, match=r"8 processes \(NPROC\) are more than the --prompts-per-step 4"):
+        check(8, prompts_per_step=4, group_size=4, train_batch_size=16)
+    with pytest.raises(ConfigError, match="--prompts-per-step 6 must be a multiple of the 4 processes"):
+        check(4, prompts_per_step=6, group_size=4, train_batch_size=8)
+    with pytest.raises(ConfigError, match="must split into whole groups of --group-size 4 on each of the 2"):
+        check(2, prompts_per_step=4, group_size=4, train_batch_size=4)
+    check(2, prompts_per_step=4, group_size=4, train_batch_size=8)  # 1 group per rank per update: fine
