@@ -348,8 +348,10 @@ def main(cfg: GRPOConfig) -> dict:
                 scheduler.step()
         # --- [distributed] the KL controller and the log see the whole step: sums, and the rollout, from every rank
         if world > 1:
-            sums.update({k: distributed.all_reduce_sum(v) for k, v in sums.items() if k not in ("grad_norm", "updates")})
-            reward, lengths, zero_std = (torch.cat(distributed.all_gather_objects(t)) for t in (reward, lengths, zero_std))
+            sums.update({k: distributed.all_reduce_sum(v) for k, v in sums.items()
+                         if k not in ("grad_norm", "updates")})  # those two are already the same on every rank
+            reward, lengths, zero_std = (torch.cat(distributed.all_gather_objects(t))
+                                         for t in (reward, lengths, zero_std))
             scored = sum(distributed.all_gather_objects(scored), [])
             rollout.finish_reasons = sum(distributed.all_gather_objects(rollout.finish_reasons), [])
         mean_kl = sums["kl"] / max(sums["tokens"], 1)

@@ -204,7 +204,8 @@ def main(cfg: SFTConfig) -> str:
         all_tokens = distributed.all_reduce_sum(sum(int(b.lengths.sum()) for b in micro_batches))
         row = {"step": step + 1, "loss": loss_total, "grad_norm": float(grad_norm), "lr": lr,
                "tokens_per_s": all_tokens / elapsed, "step_time_s": elapsed, "epoch": sampler.epoch,
-               "truncated": distributed.all_reduce_sum(sum(int(b.truncated.sum()) for b in micro_batches)) / cfg.batch_size}
+               "truncated": distributed.all_reduce_sum(sum(int(b.truncated.sum()) for b in micro_batches))
+                             / cfg.batch_size}
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps:
             row["eval_loss"] = held_out_loss(forward, eval_records, processor, cfg, device, precision)
             tqdm.write(f"step {step + 1}: train loss {loss_total:.4f}, held-out loss {row['eval_loss']:.4f}")

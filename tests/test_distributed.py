@@ -241,3 +241,20 @@ def test_too_many_processes_for_the_prompts_or_groups_is_refused():
     with pytest.raises(ConfigError, match="must split into whole groups of --group-size 4 on each of the 2"):
         check(2, prompts_per_step=4, group_size=4, train_batch_size=4)
     check(2, prompts_per_step=4, group_size=4, train_batch_size=8)  # 1 group per rank per update: fine
+
+
+@pytest.mark.slow
+def test_the_memory_bench_runs_on_the_cpu_for_one_and_two_ranks():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+    flags = "--size 3b --layers 1 --vision-depth 1 --vocab-size 1024 --nproc 2 --prompts 2 --group-size 2 " \
+            "--new-tokens 4 --prompt-length 48 --sft-length 64 --image-size 56 --sft-micro 2 --grpo-micro 2 " \
+            "--update-micro-batches 1"
+    out = subprocess.run([sys.executable, str(bench), *flags.split()], capture_output=True, text=True, check=True)
+    rows = [line.split("|")[2:-1] for line in out.stdout.splitlines() if line.startswith("| |")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("1", "off"), ("1", "on"), ("2", "off"), ("2", "on")]
+    for row in rows:
+        assert all(float(cell) > 0 for cell in row[2:]), row  # every phase ran (no OOM) and was measured
