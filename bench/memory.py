@@ -14,8 +14,8 @@ rank, the maximum over ranks: the peak of torch.cuda.max_memory_allocated on GPU
 before sharding. The GRPO update is timed on --update-micro-batches micro-batches and scaled to the step's count
 (mu x rollout rows per rank / micro-batch). A phase that runs out of memory is reported as OOM.
 
-    python bench/memory.py --size 7b --nproc 8                    # GPU node: the table for 1 and 8 GPUs
-    python bench/memory.py --size 3b --layers 2 --vision-depth 2 --vocab-size 8192 --nproc 2 --prompts 2 \\
+    python bench/memory.py --size 7b --ranks 8                    # GPU node: the table for 1 and 8 GPUs
+    python bench/memory.py --size 3b --layers 2 --vision-depth 2 --vocab-size 8192 --ranks 2 --prompts 2 \\
         --group-size 2 --new-tokens 8 --prompt-length 96 --sft-length 128 --image-size 112   # CPU (docs)
 """
 
@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     parser.add_argument("--vision-depth", type=int, default=None, help="vision blocks (default: the model's)")
     parser.add_argument("--vocab-size", type=int, default=None, help="a smaller vocabulary (CPU; default: real)")
-    parser.add_argument("--nproc", type=int, default=8, help="the N of the '1 and N ranks' comparison")
+    parser.add_argument("--ranks", type=int, default=8, help="the N of the '1 and N ranks' comparison")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prompts", type=int, default=GRPO.prompts_per_step, help="prompts per rollout, all ranks")
     parser.add_argument("--group-size", type=int, default=GRPO.group_size)
@@ -237,11 +237,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase:
         return worker(args)
-    if args.prompts % args.nproc:
-        raise SystemExit(f"--prompts {args.prompts} must be a multiple of --nproc {args.nproc}")
+    if args.prompts % args.ranks:
+        raise SystemExit(f"--prompts {args.prompts} must be a multiple of --ranks {args.ranks}")
     print(f"| Qwen2.5-VL-{args.size} layers {args.layers or 'all'} | ranks | grad ckpt | SFT step GiB | "
           f"rollout GiB | GRPO update GiB | rollout s | update s |\n|---|---|---|---|---|---|---|---|")
-    for ranks in (1, args.nproc):
+    for ranks in (1, args.ranks):
         for checkpointing in (False, True):
             r = run_case(args, ranks, checkpointing)
             cells = [f"{r[k]:.2f}" if k in r else "OOM" for k in ("sft_gib", "rollout_gib", "update_gib")]

@@ -1,7 +1,8 @@
 """torchrun / FSDP2: N ranks must train exactly like one process on the same global batch.
 
 The multi-process tests spawn 2 gloo processes on the CPU (torch.multiprocessing) and run the real trainers; the
-one-process runs are the references. fp32 everywhere: the only difference left is the order in which float sums
+one-process runs are the references. The GRPO step (which covers sharded forward/backward, gathered rollouts, the
+sharded reference and every reduction) is in the default suite; the SFT step and checkpoint/resume are `slow`. fp32 everywhere: the only difference left is the order in which float sums
 are taken (a gradient reduced over 2 ranks adds 2 partial sums instead of one running sum), so the tolerances
 below are a few ulps of fp32 scaled by the number of terms, not fitted to a run.
 """
@@ -136,6 +137,7 @@ def _sft(root, out, **overrides):
     return train_sft.SFTConfig(**(settings | overrides))
 
 
+@pytest.mark.slow  # spawns 2 + 1 (SFT) or 2 x 2 (resume) trainer processes: a minute on 2 cores
 def test_one_sft_step_on_two_ranks_is_one_process_step(world):
     train_sft.main(_sft(world, "sft-1"))
     _run_ranks(2, train_sft.main, _sft(world, "sft-2"))
@@ -201,6 +203,7 @@ def _grpo_run(root, out, **overrides):
     return _grpo(root, out, steps=2, save_every=1, mu=1, train_batch_size=8, **overrides)
 
 
+@pytest.mark.slow  # spawns 2 + 1 (SFT) or 2 x 2 (resume) trainer processes: a minute on 2 cores
 def test_a_two_rank_checkpoint_loads_anywhere_and_resumes_exactly_under_two_ranks(world):
     from transformers import AutoModelForImageTextToText
 
@@ -250,7 +253,7 @@ def test_the_memory_bench_runs_on_the_cpu_for_one_and_two_ranks():
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
-    flags = "--size 3b --layers 1 --vision-depth 1 --vocab-size 1024 --nproc 2 --prompts 2 --group-size 2 " \
+    flags = "--size 3b --layers 1 --vision-depth 1 --vocab-size 1024 --ranks 2 --prompts 2 --group-size 2 " \
             "--new-tokens 4 --prompt-length 48 --sft-length 64 --image-size 56 --sft-micro 2 --grpo-micro 2 " \
             "--update-micro-batches 1"
     out = subprocess.run([sys.executable, str(bench), *flags.split()], capture_output=True, text=True, check=True)

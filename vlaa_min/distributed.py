@@ -33,14 +33,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from vlaa_min.runtime import resolve_device
+
 # Whole tensors, gathered to rank 0's CPU (the other ranks get {}): what an HF checkpoint holds.
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def setup(device_name: str) -> torch.device:
     """Join the torchrun job when there is one (WORLD_SIZE in the environment); the device this rank uses."""
-    from vlaa_min.runtime import resolve_device
-
     device = resolve_device(device_name)
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return device
