@@ -182,6 +182,8 @@ def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
 
 def check_world_size(cfg: GRPOConfig, world: int) -> None:
     """Under torchrun each rank takes P / N whole prompts and T / N samples of every optimizer batch."""
+    if world == 1:
+        return
     if world > cfg.prompts_per_step:
         raise ConfigError(f"{world} processes (NPROC) are more than the --prompts-per-step {cfg.prompts_per_step}: "
                           f"each process samples whole prompts")
@@ -191,7 +193,7 @@ def check_world_size(cfg: GRPOConfig, world: int) -> None:
     if cfg.train_batch_size % (world * cfg.group_size):
         raise ConfigError(f"--train-batch-size {cfg.train_batch_size} must split into whole groups of --group-size "
                           f"{cfg.group_size} on each of the {world} processes (NPROC)")
-    if world > 1 and cfg.drop_zero_std_groups:
+    if cfg.drop_zero_std_groups:
         raise ConfigError("--drop-zero-std-groups true runs in one process only (ranks would drop different counts)")
 
 
