@@ -174,8 +174,11 @@ def _fixed_rollouts_then(main, cfg) -> None:
         return Rollout(ids, lengths, torch.ones(len(rows), dtype=torch.bool), ["stop"] * len(rows), logp.float(),
                        prompt_index)
 
-    train_grpo.Engine.generate = generate
-    main(cfg)
+    original, train_grpo.Engine.generate = train_grpo.Engine.generate, generate
+    try:
+        main(cfg)
+    finally:
+        train_grpo.Engine.generate = original  # the one-process run shares the test session's Engine
 
 
 def _grpo(root, out, **overrides):
