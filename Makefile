@@ -1,5 +1,6 @@
 # vlaa-min: every target installs what it needs first (a local .venv), so any of them works on a fresh clone.
 # Real run: make grpo MODEL=path/to/Qwen2.5-VL-3B-Instruct DATA=path/to/VLAA-Thinking-GRPO-25K.json IMAGES=path/to/images
+# On 8 GPUs: the same plus NPROC=8.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,6 +18,13 @@ DATA   ?=
 IMAGES ?=
 TRACES ?= clean
 ARGS   ?=
+# NPROC=N runs `make sft` / `make grpo` as N processes (GPUs, or CPU processes without one) under torchrun, FSDP2.
+NPROC  ?= 1
+ifeq ($(NPROC),1)
+TRAIN  := $(PY)
+else
+TRAIN  := $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
+endif
 
 # Every recipe is a named preset in vlaa_min/presets.py (toy-base, toy-sft, toy, paper); ARGS overrides any value.
 
@@ -60,18 +68,18 @@ endif
 
 ifneq ($(MODEL),)
 sft: $(STAMP)
-	$(PY) train_sft.py --preset paper --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/sft $(ARGS)
+	$(TRAIN) train_sft.py --preset paper --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/sft $(ARGS)
 
 grpo: $(STAMP)
-	$(PY) train_grpo.py --preset paper --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/grpo $(ARGS)
+	$(TRAIN) train_grpo.py --preset paper --model $(MODEL) --data $(DATA) --images $(IMAGES) --out $(RUNS)/grpo $(ARGS)
 else
 sft: $(RUNS)/base/model/config.json
-	$(PY) train_sft.py --model $(RUNS)/base/model --data $(SFT_DATA) --images $(TOY)/images \
+	$(TRAIN) train_sft.py --model $(RUNS)/base/model --data $(SFT_DATA) --images $(TOY)/images \
 	  --out $(RUNS)/sft-$(TRACES) --preset toy-sft $(ARGS)
 
 # GRPO from the toy base (a new run each time), then the control: the base with as much more SFT on its own data.
 grpo: $(RUNS)/base/model/config.json
-	$(PY) train_grpo.py --model $(RUNS)/base/model --data $(TOY)/rl.json --images $(TOY)/images \
+	$(TRAIN) train_grpo.py --model $(RUNS)/base/model --data $(TOY)/rl.json --images $(TOY)/images \
 	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo --preset toy --overwrite true $(ARGS)
 	$(PY) control.py --base $(RUNS)/base --grpo $(RUNS)/grpo --out $(RUNS)/grpo-control
 endif

@@ -405,14 +405,22 @@ def check_prompt_lengths(records: RecordList, path, processor, images_root, limi
 class EpochSampler:
     """Batches of record indices: a fresh permutation each epoch (numpy seeded with (seed, epoch)), resumable
     mid-epoch through state_dict() / load_state_dict(). No record is ever dropped: every epoch visits each one
-    exactly once."""
+    exactly once.
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True):
+    Under torchrun (world_size > 1) every rank draws the same global batch and next_batch returns this rank's
+    contiguous share of it: shares are disjoint, together they are the one-process batch, and since every rank's
+    state is the same, a resumed sampler continues every share exactly.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if num_items <= 0:
             raise ValueError(f"EpochSampler: num_items must be positive, got {num_items}")
         if seed < 0:
             raise ValueError(f"EpochSampler: seed must be >= 0, got {seed}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EpochSampler: rank {rank} is not in 0..{world_size - 1}")
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -422,9 +430,13 @@ class EpochSampler:
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_items).tolist()
 
     def next_batch(self, batch_size: int) -> list[int]:
-        """The next batch_size indices; a batch that reaches the end of an epoch goes on in the next epoch's order."""
+        """The next global batch of `batch_size` indices (this rank's share of it under torchrun); a batch that
+        reaches the end of an epoch goes on in the next epoch's order."""
         if batch_size <= 0:
             raise ValueError(f"EpochSampler: batch_size must be positive, got {batch_size}")
+        if batch_size % self.world_size:
+            raise ValueError(f"EpochSampler: a batch of {batch_size} does not split evenly over {self.world_size} "
+                             f"ranks")
         batch: list[int] = []
         while len(batch) < batch_size:
             taken = self._order[self.position : self.position + batch_size - len(batch)]
@@ -433,7 +445,8 @@ class EpochSampler:
             if self.position == self.num_items:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-        return batch
+        share = batch_size // self.world_size
+        return batch[self.rank * share : (self.rank + 1) * share]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items,

@@ -24,6 +24,9 @@ and dropping zero-variance groups are options, off by default. The vision tower 
     make grpo                                   # toy world, CPU: data + base if missing, then GRPO and eval
     make grpo MODEL=Qwen2.5-VL-3B-Instruct DATA=VLAA-Thinking-GRPO-25K.json IMAGES=images
 Resume with the same command plus --resume true (--overwrite true starts it again).
+On N GPUs (FSDP2): torchrun --standalone --nproc_per_node N train_grpo.py ... or make grpo NPROC=N. Each rank
+samples its share of the step's prompts (a prompt's G samples stay on their rank); the loss normaliser, the KL
+controller and the metrics are global, so N ranks make the update one process makes from the same rollout.
 """
 
 import copy
@@ -40,6 +43,7 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 import rewards
+from vlaa_min import distributed
 from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.grpo_loss import (
@@ -57,7 +61,7 @@ from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
 from vlaa_min.rollout_log import RolloutLog
 from vlaa_min.run import check_finite, check_model_dir, check_out_folder, file_sha256, open_run, release_lock
-from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from vlaa_min.runtime import autocast, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
 from vlaa_min.train_state import resume_training, save_checkpoint, save_model
 
@@ -172,9 +176,10 @@ def score_completions(model, processor, encoded, rows, rollout, cfg, device, pre
 
 def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precision, rollout_log=None,
                    step: int = 0) -> dict:
-    summary, rows = evaluation.evaluate(model, processor, records, cfg.images, max_new_tokens=cfg.max_new_tokens,
-                                        batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
-                                        precision=precision)
+    with distributed.gathered(model):  # [distributed] every rank evaluates every record (greedy: the same result)
+        summary, rows = evaluation.evaluate(model, processor, records, cfg.images, max_new_tokens=cfg.max_new_tokens,
+                                            batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
+                                            precision=precision)
     if rollout_log is not None:
         rollout_log.log_answers(step, records, rows)
     return summary
@@ -184,12 +189,31 @@ def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
     return rewards.RewardConfig(require_think=cfg.require_think, open_scorer=cfg.open_scorer)
 
 
+def check_world_size(cfg: GRPOConfig, world: int) -> None:
+    """Under torchrun each rank takes P / N whole prompts and T / N samples of every optimizer batch."""
+    if world == 1:
+        return
+    if world > cfg.prompts_per_step:
+        raise ConfigError(f"{world} processes (NPROC) are more than the --prompts-per-step {cfg.prompts_per_step}: "
+                          f"each process samples whole prompts")
+    if cfg.prompts_per_step % world:
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {world} processes "
+                          f"(NPROC), each of which samples whole prompts")
+    if cfg.train_batch_size % (world * cfg.group_size):
+        raise ConfigError(f"--train-batch-size {cfg.train_batch_size} must split into whole groups of --group-size "
+                          f"{cfg.group_size} on each of the {world} processes (NPROC)")
+    if cfg.drop_zero_std_groups:
+        raise ConfigError("--drop-zero-std-groups true runs in one process only (ranks would drop different counts)")
+
+
 def main(cfg: GRPOConfig) -> dict:
+    device = distributed.setup(cfg.device)  # [distributed] joins torchrun's job if there is one
+    rank, world = distributed.rank(), distributed.world_size()  # one process: 0, 1
+    check_world_size(cfg, world)
     print_config(cfg)
     check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
     check_model_dir(cfg.model)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     precision = resolve_dtype(cfg.precision, device)
 
     # --- data: validated (fields, types, gt for its reward, images, prompt lengths) before anything runs
@@ -218,12 +242,15 @@ def main(cfg: GRPOConfig) -> dict:
     if cfg.kl_init > 0:
         reference = copy.deepcopy(policy).to(precision if device.type == "cuda" else torch.float32).eval()
         reference.requires_grad_(False)
+    distributed.shard(policy, device)  # [distributed] FSDP2, the reference sharded the same way; one process: no-op
+    if reference is not None:
+        distributed.shard(reference, device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = cosine_with_warmup(optimizer, total_updates, cfg.warmup_ratio, cfg.min_lr_ratio)
     kl_controller = (AdaptiveKLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
                      else FixedKLController(cfg.kl_init))
-    sampler = data.EpochSampler(len(records), seed=cfg.seed)
+    sampler = data.EpochSampler(len(records), seed=cfg.seed, rank=rank, world_size=world)
     engine = Engine(policy, pad_token_id=processor.special_ids["pad_token_id"], compile=cfg.compile)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop_token_ids=processor.stop_token_ids,
@@ -248,10 +275,10 @@ def main(cfg: GRPOConfig) -> dict:
 
     def save(step: int) -> None:
         save_checkpoint(cfg.out, step, policy, processor, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": distributed.optimizer_state(policy, optimizer), "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(), "kl_controller": kl_controller.state_dict(),
-            "generator": generator.get_state(), "shuffler": shuffler.get_state(), "history": history,
-            "settings": settings})
+            "shuffler": shuffler.get_state(), "history": history, "settings": settings},
+            per_rank={"generator": generator.get_state()})
 
     if eval_records and "before" not in history:
         history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
@@ -259,7 +286,7 @@ def main(cfg: GRPOConfig) -> dict:
         print("held-out before GRPO:\n" + evaluation.markdown_table({"before": history["before"]}))
 
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="grpo",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, disable=not distributed.is_main())
     for step in progress:
         # --- rollout: P prompts, each prefilled once, G samples each
         t0 = time.perf_counter()
@@ -267,7 +294,7 @@ def main(cfg: GRPOConfig) -> dict:
         encoded = [data.encode_prompt(r, processor, cfg.images, cfg.max_prompt_length) for r in batch_records]
         prompts = processor.collate_prompts(encoded).to(device)
         policy.eval()
-        with autocast(device, precision):
+        with distributed.gathered(policy), autocast(device, precision):  # [distributed] one all-gather per rollout
             rollout = engine.generate(prompts, cfg.group_size, sampling, generator)
         policy.train()
         rollout = rollout.to("cpu")  # rewards, advantages and bookkeeping run on the host
@@ -278,7 +305,7 @@ def main(cfg: GRPOConfig) -> dict:
         texts = [processor.decode(rollout.completion_ids[i, : int(n)].tolist()) for i, n in enumerate(lengths)]
         samples = [batch_records[int(p)] for p in rollout.prompt_index]
         scored = rewards.compute_rewards(texts, samples, config=rewards_cfg)
-        reward = torch.tensor([s["reward"] for s in scored]).view(cfg.prompts_per_step, cfg.group_size)  # (P, G)
+        reward = torch.tensor([s["reward"] for s in scored]).view(len(batch_records), cfg.group_size)  # (P, G)
         check_finite(step + 1, cfg.out, reward=reward.sum().item())
         t2 = time.perf_counter()
 
@@ -303,8 +330,9 @@ def main(cfg: GRPOConfig) -> dict:
         sums = defaultdict(float)
         for _ in range(cfg.mu):
             order = group_major_order(rows, rollout.prompt_index, shuffler)
-            for update_rows in chunks(order, cfg.train_batch_size):
-                normaliser = loss_normaliser(cfg.loss_aggregation, lengths[update_rows], cfg.max_new_tokens)
+            for update_rows in chunks(order, cfg.train_batch_size // world):  # this rank's share of the batch
+                normaliser = distributed.all_reduce_sum(  # [distributed] the whole batch's, over every rank
+                    loss_normaliser(cfg.loss_aggregation, lengths[update_rows], cfg.max_new_tokens))
                 for micro in chunks(update_rows, cfg.micro_batch_size):
                     logp, entropy, mask = score_completions(policy, processor, encoded, micro, rollout, cfg, device,
                                                             precision, with_entropy=True)
@@ -325,14 +353,19 @@ def main(cfg: GRPOConfig) -> dict:
                     for name, value in token_sums.items():
                         sums[name] += float(value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
+                grad_norm = distributed.full_norm(grad_norm)
                 check_finite(step + 1, cfg.out, loss=sums["loss"], grad_norm=float(grad_norm))
                 sums["grad_norm"] += float(grad_norm)
                 sums["updates"] += 1
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+        # --- [distributed] the KL controller sees the whole step: the sums of every rank
+        if world > 1:
+            sums.update({k: distributed.all_reduce_sum(v) for k, v in sums.items()
+                         if k not in ("grad_norm", "updates")})  # those two are already the same on every rank
         mean_kl = sums["kl"] / max(sums["tokens"], 1)
-        kl_controller.update(mean_kl, n_samples=len(rows))
+        kl_controller.update(mean_kl, n_samples=distributed.all_reduce_sum(len(rows)))
         t3 = time.perf_counter()
 
         # --- rollout log (python -m vlaa_min.view): a few groups re-scored after the update, a few fixed prompts
@@ -342,11 +375,20 @@ def main(cfg: GRPOConfig) -> dict:
             rollout_log.log_rollout(step + 1, batch_records, rollout, texts, scored, advantages, ref_logp,
                                     processor.tokenizer, updated_logp, kl_estimator=cfg.kl_estimator)
             probes = records[: cfg.rollout_groups_per_log]  # the same prompts at every logged step
-            _, probe_rows = evaluation.evaluate(
-                policy, processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, reward_config=rewards_cfg,
-                seed=cfg.seed, engine=engine, precision=precision, progress=False)
+            with distributed.gathered(policy):  # [distributed] one all-gather for the probes' generation
+                _, probe_rows = evaluation.evaluate(
+                    policy, processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,
+                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, reward_config=rewards_cfg,
+                    seed=cfg.seed, engine=engine, precision=precision, progress=False)
             rollout_log.log_answers(step + 1, probes, probe_rows, kind="probe", samples=cfg.group_size)
+
+        # --- [distributed] the log sees the whole step's rollout, gathered from every rank (after the rollout log,
+        # which reads this rank's own rows; rank 0's is the one written)
+        if world > 1:
+            reward, lengths, zero_std = (torch.cat(distributed.all_gather_objects(t))
+                                         for t in (reward, lengths, zero_std))
+            scored = sum(distributed.all_gather_objects(scored), [])
+            rollout.finish_reasons = sum(distributed.all_gather_objects(rollout.finish_reasons), [])
 
         # --- log
         generated = int(lengths.sum())
@@ -401,17 +443,18 @@ def main(cfg: GRPOConfig) -> dict:
         history["after"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
                                           rollout_log, step=cfg.steps)
         table = evaluation.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
-        with open(os.path.join(cfg.out, "eval.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(cfg.out, "eval.json"), "w") as f:  # the summaries, for control.py and experiment.py
-            json.dump(history, f, indent=1)
+        if distributed.is_main():  # [distributed] rank 0 writes the files
+            with open(os.path.join(cfg.out, "eval.md"), "w") as f:
+                f.write(table + "\n")
+            with open(os.path.join(cfg.out, "eval.json"), "w") as f:  # the summaries, for control.py, experiment.py
+                json.dump(history, f, indent=1)
         print("held-out accuracy (%), greedy:\n" + table)
     save(cfg.steps)
     final_dir = os.path.join(cfg.out, "model")
     save_model(final_dir, policy, processor)
-    png = plot_curves({os.path.basename(os.path.normpath(cfg.out)): os.path.join(cfg.out, "metrics.jsonl")},
-                      ["reward", "accuracy", "completion_length", "kl"], os.path.join(cfg.out, "curves.png"),
-                      title="GRPO")
+    png = distributed.is_main() and plot_curves(  # [distributed] rank 0 plots
+        {os.path.basename(os.path.normpath(cfg.out)): os.path.join(cfg.out, "metrics.jsonl")},
+        ["reward", "accuracy", "completion_length", "kl"], os.path.join(cfg.out, "curves.png"), title="GRPO")
     release_lock(lock)
     print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png or 'none'}  model: {final_dir}")
     return history

@@ -24,6 +24,8 @@ Runs:
     python train_sft.py --preset paper --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json \
         --images images --out runs/sft-3b
 Resume an interrupted run with the same command plus --resume true (--overwrite true starts it again).
+On N GPUs (FSDP2; the same global batch, each rank a share of it): torchrun --standalone --nproc_per_node N
+train_sft.py ... or make sft NPROC=N.
 """
 
 import dataclasses
@@ -36,13 +38,14 @@ import torch
 from tqdm import tqdm
 
 import data
+from vlaa_min import distributed
 from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.logprobs import masked_logprobs
 from vlaa_min.metrics import MetricsLogger
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
 from vlaa_min.run import check_finite, check_model_dir, check_out_folder, file_sha256, open_run, release_lock
-from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from vlaa_min.runtime import autocast, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
 from vlaa_min.train_state import resume_training, save_checkpoint, save_model
 
@@ -113,11 +116,16 @@ def held_out_loss(model, records, processor, cfg, device, precision) -> float:
 
 
 def main(cfg: SFTConfig) -> str:
+    device = distributed.setup(cfg.device)  # [distributed] joins torchrun's job if there is one
+    rank, world = distributed.rank(), distributed.world_size()  # one process: 0, 1
     print_config(cfg)
     check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
     check_model_dir(cfg.model)
     seed_everything(cfg.seed)
-    device, precision = resolve_device(cfg.device), resolve_dtype(cfg.precision, resolve_device(cfg.device))
+    precision = resolve_dtype(cfg.precision, device)
+    if cfg.batch_size % (cfg.micro_batch_size * world):  # [distributed] each rank: whole micro-batches
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
+                          f"{cfg.micro_batch_size} x {world} processes")
 
     # --- data: everything is validated before the first step
     processor = Processor.from_pretrained(cfg.model)
@@ -137,7 +145,7 @@ def main(cfg: SFTConfig) -> str:
         records, eval_records = records[: -cfg.eval_size], records[-cfg.eval_size :]
     steps_per_epoch = len(records) / cfg.batch_size
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    accumulation = cfg.batch_size // cfg.micro_batch_size
+    accumulation = cfg.batch_size // cfg.micro_batch_size // world  # micro-batches per rank
     print(f"{len(records)} training records, {len(eval_records)} held out; {total_steps} steps of {cfg.batch_size} "
           f"({accumulation} x {cfg.micro_batch_size})")
 
@@ -146,13 +154,14 @@ def main(cfg: SFTConfig) -> str:
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.freeze_vision:
         model.visual.requires_grad_(False)
+    distributed.shard(model, device)  # [distributed] FSDP2; a no-op in one process
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable parameters: {sum(p.numel() for p in trainable) / 1e6:.2f}M of "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = cosine_with_warmup(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-    sampler = data.EpochSampler(len(records), seed=cfg.seed)
+    sampler = data.EpochSampler(len(records), seed=cfg.seed, rank=rank, world_size=world)
     forward = torch.compile(model) if cfg.compile else model
 
     # --- the run folder: created only now that the inputs check out
@@ -164,25 +173,27 @@ def main(cfg: SFTConfig) -> str:
 
     def save(step: int) -> None:
         save_checkpoint(cfg.out, step, model, processor, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": distributed.optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(), "settings": settings})
 
     # --- train
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, disable=not distributed.is_main())
     for step in progress:
         started = time.perf_counter()
-        micro_batches = [data.collate_sft([records[i] for i in sampler.next_batch(cfg.micro_batch_size)],
+        micro_batches = [data.collate_sft([records[i] for i in sampler.next_batch(cfg.micro_batch_size * world)],
                                           processor, cfg.images, cfg.max_length) for _ in range(accumulation)]
         # Normalise by the assistant tokens of the whole optimizer batch, so accumulation is exact.
-        batch_tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
+        batch_tokens = distributed.all_reduce_sum(sum(int(b.loss_mask.sum()) for b in micro_batches))
         loss_total = 0.0
         for batch in micro_batches:
             loss_sum, _ = sft_loss_sum(forward, batch, device, precision)
             loss = loss_sum / max(batch_tokens, 1)
             loss.backward()
             loss_total += loss.item()
+        loss_total = distributed.all_reduce_sum(loss_total)  # [distributed] each rank holds its share of the loss
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = distributed.full_norm(grad_norm)
         check_finite(step + 1, cfg.out, loss=loss_total, grad_norm=float(grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -190,10 +201,11 @@ def main(cfg: SFTConfig) -> str:
         scheduler.step()
 
         elapsed = time.perf_counter() - started
-        all_tokens = sum(int(b.lengths.sum()) for b in micro_batches)
+        all_tokens = distributed.all_reduce_sum(sum(int(b.lengths.sum()) for b in micro_batches))
         row = {"step": step + 1, "loss": loss_total, "grad_norm": float(grad_norm), "lr": lr,
                "tokens_per_s": all_tokens / elapsed, "step_time_s": elapsed, "epoch": sampler.epoch,
-               "truncated": sum(int(b.truncated.sum()) for b in micro_batches) / cfg.batch_size}
+               "truncated": distributed.all_reduce_sum(sum(int(b.truncated.sum()) for b in micro_batches))
+                             / cfg.batch_size}
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps:
             row["eval_loss"] = held_out_loss(forward, eval_records, processor, cfg, device, precision)
             tqdm.write(f"step {step + 1}: train loss {loss_total:.4f}, held-out loss {row['eval_loss']:.4f}")

@@ -20,6 +20,7 @@ import os
 import sys
 import typing
 
+from vlaa_min import distributed
 from vlaa_min.presets import presets_of
 
 
@@ -103,6 +104,8 @@ def run_script(main, config_cls, doc: str) -> None:
         main(config)
     except UserError as error:
         sys.exit(f"error: {error}")
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group cleanly
 
 
 def config_to_dict(config) -> dict:

@@ -10,10 +10,15 @@ import json
 import math
 import os
 
+from vlaa_min import distributed
+
 
 class MetricsLogger:
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
+        self.enabled = distributed.is_main()  # under torchrun rank 0 writes the file (its rows are global)
+        if not self.enabled:
+            return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if resume_step is None:
             open(path, "w").close()
@@ -24,6 +29,8 @@ class MetricsLogger:
             os.replace(path + ".tmp", path)
 
     def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 

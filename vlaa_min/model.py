@@ -596,12 +596,16 @@ class VLModel(nn.Module):
             model.lm_head.weight = model.language_model.embed_tokens.weight
         return model.to(device)
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
-        """Atomically write config.json + safetensors (hub names; sharded above max_shard_bytes)."""
+    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Atomically write config.json + safetensors (hub names; sharded above max_shard_bytes).
+
+        state_dict: the weights to write instead of this module's own (the full weights of a sharded model).
+        """
         self.config.torch_dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
         state_dict = {
             _ours_to_hf(name): tensor
-            for name, tensor in self.state_dict().items()
+            for name, tensor in (self.state_dict() if state_dict is None else state_dict).items()
             if not (self.config.tie_word_embeddings and name == "lm_head.weight")
         }
         with atomic_directory(path) as tmp:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 
+from vlaa_min import distributed
 from vlaa_min.checkpoint import clean_leftovers
 from vlaa_min.cli import ConfigError, UserError, save_config
 from vlaa_min.train_state import latest_checkpoint, load_newest
@@ -28,9 +29,11 @@ ALWAYS_SAFE = frozenset({"out", "resume", "overwrite"})  # how a run is started,
 
 
 def check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
-    """Refuse an --out that holds another run unless the user said what to do with it."""
+    """Refuse an --out that holds another run unless the user said what to do with it (rank 0 checks)."""
     if resume and overwrite:
         raise ConfigError("--resume true and --overwrite true exclude each other")
+    if not distributed.is_main():
+        return  # rank 0 may already have claimed the folder for this very run
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder")
     held = os.path.isdir(out) and any(name != LOCK_FILE for name in os.listdir(out))
@@ -65,7 +68,9 @@ def take_lock(out: str):
 
 
 def release_lock(lock) -> None:
-    """Empty the lock file (an empty lock is a clean end) and drop the lock."""
+    """Empty the lock file (an empty lock is a clean end) and drop the lock (ranks > 0 hold none)."""
+    if lock is None:
+        return
     lock.seek(0)
     lock.truncate()
     lock.close()
@@ -111,7 +116,21 @@ def check_resume_settings(checkpoint: str, saved: dict, current: dict, safe: fro
 
 
 def open_run(out: str, settings: dict, *, resume: bool, overwrite: bool, safe: frozenset[str]):
-    """Claim `out` (see the module docstring); returns (lock, (checkpoint, state, weights) or None)."""
+    """Claim `out` (see the module docstring); returns (lock, (checkpoint, state, weights) or None).
+
+    Under torchrun rank 0 claims and prepares the folder; the other ranks wait for it, then load the same
+    checkpoint (their lock is None).
+    """
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 below: claimed, cleaned, broken checkpoints deleted
+        return None, load_newest(out) if resume else None
+    try:
+        return _claim_run(out, settings, resume=resume, overwrite=overwrite, safe=safe)
+    finally:
+        distributed.barrier()
+
+
+def _claim_run(out: str, settings: dict, *, resume: bool, overwrite: bool, safe: frozenset[str]):
     check_out_folder(out, resume, overwrite)
     os.makedirs(out, exist_ok=True)
     lock = take_lock(out)

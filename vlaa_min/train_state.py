@@ -8,6 +8,10 @@ leaves the previous checkpoints intact and never a half-written one. The final m
 way (save_model). On resume, a newest checkpoint that does not load (a truncated file, an empty folder) is
 reported, deleted, and the one before it is used (load_newest).
 
+Under torchrun the weights and the optimizer state are gathered whole (vlaa_min.distributed) and rank 0 writes
+the same directory; what differs per rank (RNG states, the trainer's `per_rank` entries) is kept for every rank,
+and a checkpoint resumes only under the number of ranks that wrote it.
+
     out/checkpoints/step_000050/   out/checkpoints/step_000100/   ...
 """
 
@@ -19,6 +23,7 @@ import shutil
 import numpy as np
 import torch
 
+from vlaa_min import distributed
 from vlaa_min.checkpoint import atomic_directory
 from vlaa_min.cli import UserError
 from vlaa_min.model import VLModel
@@ -60,20 +65,36 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 def save_model(directory: str, model, processor, state: dict | None = None) -> None:
-    """Weights, config, tokenizer, processor (and a trainer state) as one unit: all of them or the old directory."""
-    with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if state is not None:
-            torch.save(state, os.path.join(tmp, STATE_FILE))
+    """Weights, config, tokenizer, processor (and a trainer state) as one unit: all of them or the old directory.
+
+    Under torchrun every rank calls it (the weights are gathered) and rank 0 writes.
+    """
+    weights = distributed.model_state(model)
+    if distributed.is_main():
+        with atomic_directory(directory) as tmp:
+            model.save_pretrained(tmp, state_dict=weights)
+            processor.save_pretrained(tmp)
+            if state is not None:
+                torch.save(state, os.path.join(tmp, STATE_FILE))
+    distributed.barrier()
 
 
-def save_checkpoint(out_dir: str, step: int, model, processor, state: dict, keep_last: int = 2) -> str:
-    """Write model + processor + {"step", **state, "rng"} atomically; keep only the newest `keep_last`."""
+def save_checkpoint(out_dir: str, step: int, model, processor, state: dict, keep_last: int = 2,
+                    per_rank: dict | None = None) -> str:
+    """Write model + processor + {"step", **state, "rng", **per_rank} atomically; keep the newest `keep_last`.
+
+    `per_rank`: entries that differ between ranks (e.g. a sampling generator); under torchrun every rank's copy
+    is kept, in "ranks", with the world size.
+    """
     final = checkpoint_dir(out_dir, step)
-    save_model(final, model, processor, {"step": step, "rng": rng_state(), **state})
-    for old_step in checkpoint_steps(out_dir)[:-keep_last]:
-        shutil.rmtree(checkpoint_dir(out_dir, old_step), ignore_errors=True)
+    ranks = distributed.all_gather_objects({"rng": rng_state(), **(per_rank or {})})
+    state = {"step": step, **ranks[0], **state}
+    if distributed.is_distributed():
+        state |= {"world_size": distributed.world_size(), "ranks": ranks}
+    save_model(final, model, processor, state)
+    if distributed.is_main():
+        for old_step in checkpoint_steps(out_dir)[:-keep_last]:
+            shutil.rmtree(checkpoint_dir(out_dir, old_step), ignore_errors=True)
     return final
 
 
@@ -113,12 +134,20 @@ def load_newest(out_dir: str) -> tuple[str, dict, dict] | None:
 def resume_training(checkpoint: str, state: dict, weights: dict, model, optimizer, scheduler, sampler) -> dict:
     """Restore weights, optimizer, scheduler, data sampler and every RNG from a loaded checkpoint, in place.
 
-    Returns the whole saved state, so that a trainer can restore what else it saved (KL controller, ...).
+    Returns the whole saved state, so that a trainer can restore what else it saved (KL controller, ...); under
+    torchrun with this rank's own `per_rank` entries and RNG.
     """
-    model.load_state_dict({name: tensor.to(next(model.parameters()).dtype) for name, tensor in weights.items()})
-    optimizer.load_state_dict(state["optimizer"])
+    saved_world, world = state.get("world_size", 1), distributed.world_size()
+    if saved_world != world:
+        raise UserError(f"{checkpoint} was written by {saved_world} process(es); resume it with the same number "
+                        f"(NPROC={saved_world}), not {world}")
+    if world > 1:
+        state = state | state["ranks"][distributed.rank()]
+    distributed.load_model_state(model, {name: tensor.to(next(model.parameters()).dtype)
+                                         for name, tensor in weights.items()})
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
-    print(f"resumed from {checkpoint} at step {state['step']}")
+    distributed.print0(f"resumed from {checkpoint} at step {state['step']}")
     return state
