@@ -20,7 +20,7 @@ ARGS   ?=
 
 # Every recipe is a named preset in vlaa_min/presets.py (toy-base, toy-sft, toy, paper); ARGS overrides any value.
 
-.PHONY: install test test-slow data base sft grpo eval plot experiment bench clean
+.PHONY: install test test-slow rehearse data base sft grpo eval plot experiment bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# The real run rehearsed on the CPU: Qwen's real tokenizer, Qwen2.5-VL-3B's widths (2 layers, random weights),
+# VLAA-Thinking's record layouts; make sft / grpo / eval with MODEL set, then parity with transformers (docs/rehearsal.md).
+rehearse: $(STAMP)
+	$(PY) -m pytest -m slow -s tests/test_rehearsal.py
 
 data: $(TOY)/world.json
 

@@ -253,8 +253,12 @@ class Processor:
             "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Processor":
-        """Load the tokenizer (AutoTokenizer) and preprocessor_config.json (defaults if absent)."""
+    def from_pretrained(cls, path: str | Path, max_pixels: int | None = None) -> "Processor":
+        """Load the tokenizer (AutoTokenizer) and preprocessor_config.json (defaults if absent).
+
+        max_pixels overrides the file's cap on an image's resized area (Qwen2.5-VL's hub file allows 12,845,056
+        pixels, up to 16,384 tokens per image); save_pretrained writes the value used, so it travels with the model.
+        """
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         config_path = Path(path) / PREPROCESSOR_CONFIG
         image_processor = ImageProcessor()
@@ -264,7 +268,20 @@ class Processor:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{config_path}: not valid JSON ({error})") from error
             image_processor = ImageProcessor.from_dict(config, source=str(config_path))
+        if max_pixels:
+            if max_pixels < image_processor.min_pixels:
+                raise ValueError(f"max_pixels {max_pixels} is below {config_path}'s min_pixels "
+                                 f"{image_processor.min_pixels}")
+            image_processor = replace(image_processor, max_pixels=max_pixels)
         return cls(tokenizer, image_processor)
+
+    def banned_token_ids(self, vocab_size: int) -> tuple[int, ...]:
+        """Ids that sampling must never pick: the vision placeholders, and the embedding rows past the tokenizer
+        (Qwen pads its 151,665 tokens to 151,936 rows; those rows decode to nothing)."""
+        if len(self.tokenizer) > vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens, more tokens than the model's "
+                             f"vocab_size {vocab_size} embedding rows: tokenizer and checkpoint do not match")
+        return self.vision_token_ids + tuple(range(len(self.tokenizer), vocab_size))
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
