@@ -25,9 +25,11 @@ from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
+import train_grpo
 from tests.rehearsal import ADDED_TOKENS, FIRST_ADDED_ID, GENERATION_CONFIG, write_checkpoint, write_records
 from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel
+from vlaa_min.presets import make_config
 from vlaa_min.processor import SYSTEM_PROMPT, Processor
 
 pytestmark = pytest.mark.slow
@@ -136,6 +138,16 @@ def test_prompt_of_a_real_record_matches_transformers(world):
     trained = [t for t, m in zip(sft.input_ids, sft.loss_mask) if m]
     assert processor.tokenizer.decode(trained) == record["answer"] + "<|im_end|>"
     assert trained[-1] == processor.eos_token_id and sft.input_ids[: len(ours.input_ids)] == ours.input_ids
+    # A 1024x768 image at the hub's max_pixels: 756x1036 pixels -> 27x37 = 999 tokens, so with the system prompt
+    # the prompt passes OpenRLHF's 1,024-token limit; the paper preset's limit and image cap hold it.
+    grpo_record = data.load_records(world["grpo"], world["images"])[2]
+    with Image.open(world["images"] / grpo_record["image"]) as opened:
+        assert opened.size == (1024, 768)
+    assert processor.prompt_length(grpo_record["question"], [(1024, 768)]) > 1024
+    paper = make_config(train_grpo.GRPOConfig, "paper")
+    capped = Processor.from_pretrained(model_dir, paper.max_pixels)
+    assert capped.prompt_length(grpo_record["question"], [(4000, 3000)]) <= paper.max_prompt_length
+
     whole = processor.tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": record["answer"]}], tokenize=False)
     assert processor.tokenizer.decode(sft.input_ids) + "\n" == whole.replace(
@@ -144,15 +156,20 @@ def test_prompt_of_a_real_record_matches_transformers(world):
 
 def make(target: str, world, runs: Path, **variables) -> str:
     """Run `make TARGET` in the repository with this interpreter; returns its output."""
-    stamp = runs / "installed"  # stands for the venv stamp: the running interpreter already has everything
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.touch()
-    settings = {"PY": sys.executable, "STAMP": str(stamp), "RUNS": str(runs), **variables}
-    command = ["make", "--no-print-directory", target] + [f"{key}={value}" for key, value in settings.items()]
+    # The running interpreter already has everything: the install step's stamp is never remade (-o).
+    stamp = str(runs / "installed")
+    settings = {"PY": sys.executable, "STAMP": stamp, "RUNS": str(runs), **variables}
+    command = ["make", "--no-print-directory", "-o", stamp, target] + [f"{k}={v}" for k, v in settings.items()]
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr
+
+
+def theirs_generation_stops(model_dir: Path) -> list[int]:
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(model_dir).eos_token_id
 
 
 def test_sft_grpo_eval_end_to_end_then_transformers_logits(world):
@@ -164,7 +181,7 @@ def test_sft_grpo_eval_end_to_end_then_transformers_logits(world):
 
     make("grpo", world, runs, MODEL=runs / "sft" / "model", DATA=world["grpo"], IMAGES=world["images"],
          ARGS=f"--steps 2 --prompts-per-step 2 --train-batch-size 4 --micro-batch-size 4 --max-new-tokens 8 {pixels}")
-    settings = json.loads((runs / "grpo" / "run.json").read_text())["settings"]
+    settings = json.loads((runs / "grpo" / "config.json").read_text())  # the resolved config of the run
     assert (settings["group_size"], settings["temperature"], settings["kl_init"]) == (4, 0.8, 1e-3)  # paper preset
     grpo_rows = [json.loads(line) for line in (runs / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in grpo_rows] == [1, 2] and all(0 <= row["reward"] <= 1 for row in grpo_rows)
@@ -179,6 +196,7 @@ def test_sft_grpo_eval_end_to_end_then_transformers_logits(world):
     model_dir = runs / "grpo" / "model"
     processor = Processor.from_pretrained(model_dir)
     assert processor.image_processor.max_pixels == TRAIN_MAX_PIXELS  # the training setting travels with the model
+    assert theirs_generation_stops(model_dir) == [151645, 151643]
     record = data.load_records(world["grpo"], world["images"])[2]
     batch = data.collate_prompts([record], processor, world["images"])
     ours = VLModel.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -188,7 +206,9 @@ def test_sft_grpo_eval_end_to_end_then_transformers_logits(world):
     del ours
     theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
+        # transformers 5 finds the image tokens for its MRoPE positions through mm_token_type_ids (1 = image).
         their_logits = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                              mm_token_type_ids=(batch.input_ids == processor.image_token_id).int(),
                               pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw).logits
     assert their_logits.shape == our_logits.shape == (1, batch.input_ids.shape[1], 151936)
     assert (their_logits - our_logits).abs().max().item() <= TOL

@@ -58,6 +58,7 @@ SYSTEM_PROMPT = (
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+GENERATION_CONFIG = "generation_config.json"
 MAX_ASPECT_RATIO = 200
 
 
@@ -289,6 +290,9 @@ class Processor:
         # Chat template inside tokenizer_config.json, where Qwen's checkpoints keep it.
         self.tokenizer.save_pretrained(str(path), save_jinja_files=False)
         (path / PREPROCESSOR_CONFIG).write_text(json.dumps(self.image_processor.to_dict(), indent=2) + "\n")
+        # The stop ids our engine uses, so that transformers' generate and vLLM end a turn where it does.
+        generation = {"eos_token_id": list(self.stop_token_ids), "pad_token_id": self.pad_token_id}
+        (path / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
     # --- text -------------------------------------------------------------------------------
 
