@@ -57,7 +57,8 @@ class EvalConfig:
     skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
 
     def __post_init__(self):
-        check_sizes(self, positive=("samples", "max_new_tokens", "batch_size"), non_negative=("limit", "temperature", "max_pixels"))
+        check_sizes(self, positive=("samples", "max_new_tokens", "batch_size"),
+                    non_negative=("limit", "temperature", "max_pixels"))
         if self.temperature == 0 and self.samples != 1:
             raise ConfigError("greedy decoding (--temperature 0) gives one response per question; use --samples 1")
 
