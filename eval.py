@@ -117,7 +117,7 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
     engine = engine or Engine(model, pad_token_id=processor.special_ids["pad_token_id"])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
                             stop_token_ids=processor.stop_token_ids,
-                            banned_token_ids=processor.banned_token_ids(model.config.text.vocab_size))
+                            banned_token_ids=processor.vision_token_ids, vocab_size=processor.vocab_size)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()

@@ -220,7 +220,7 @@ def main(cfg: GRPOConfig) -> dict:
     engine = Engine(policy, pad_token_id=processor.special_ids["pad_token_id"], compile=cfg.compile)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop_token_ids=processor.stop_token_ids,
-                              banned_token_ids=processor.banned_token_ids(policy.config.text.vocab_size))
+                              banned_token_ids=processor.vision_token_ids, vocab_size=processor.vocab_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # rollout sampling
     shuffler = torch.Generator().manual_seed(cfg.seed + 1)  # order of samples within a rollout buffer
 

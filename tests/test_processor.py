@@ -395,11 +395,3 @@ def test_processor_save_and_load(processor, tmp_path):
     # Without preprocessor_config.json the defaults apply.
     (tmp_path / "preprocessor_config.json").unlink()
     assert Processor.from_pretrained(tmp_path).image_processor == ImageProcessor()
-
-
-def test_banned_ids_are_the_placeholders_and_the_vocabulary_padding(processor):
-    size = len(processor.tokenizer)
-    assert processor.banned_token_ids(size) == processor.vision_token_ids
-    assert processor.banned_token_ids(size + 3) == processor.vision_token_ids + (size, size + 1, size + 2)
-    with pytest.raises(ValueError, match="do not match"):
-        processor.banned_token_ids(size - 1)

@@ -80,12 +80,11 @@ def test_token_ids_and_vocabulary_padding(world):
         defaults.image_token_id, defaults.text_config.eos_token_id, defaults.text_config.bos_token_id)
     # Generation stops where the hub's generation_config.json says: <|im_end|>, then <|endoftext|>.
     assert processor.stop_token_ids == tuple(GENERATION_CONFIG["eos_token_id"]) == (151645, 151643)
-    # The embedding has 151,936 rows for 151,665 tokens: the 271 rows past the tokenizer are never sampled.
-    assert (len(tokenizer), config.text.vocab_size) == (151665, 151936)
-    banned = set(processor.banned_token_ids(config.text.vocab_size))
-    assert banned == set(range(151665, 151936)) | {151652, 151653, 151655, 151656}
-    with pytest.raises(ValueError, match="more tokens than the model"):
-        processor.banned_token_ids(151000)
+    # The embedding has 151,936 rows for 151,665 tokens: sampling stops at the tokenizer's size (the 271 rows past
+    # it decode to nothing) and never picks a vision placeholder.
+    assert (processor.vocab_size, config.text.vocab_size) == (151665, 151936)
+    assert tokenizer.decode([151665, 151935]) == ""
+    assert set(processor.vision_token_ids) == {151652, 151653, 151655, 151656}
 
 
 def test_both_config_layouts_load_in_ours_and_transformers(world):

@@ -276,13 +276,10 @@ class Processor:
             image_processor = replace(image_processor, max_pixels=max_pixels)
         return cls(tokenizer, image_processor)
 
-    def banned_token_ids(self, vocab_size: int) -> tuple[int, ...]:
-        """Ids that sampling must never pick: the vision placeholders, and the embedding rows past the tokenizer
-        (Qwen pads its 151,665 tokens to 151,936 rows; those rows decode to nothing)."""
-        if len(self.tokenizer) > vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens, more tokens than the model's "
-                             f"vocab_size {vocab_size} embedding rows: tokenizer and checkpoint do not match")
-        return self.vision_token_ids + tuple(range(len(self.tokenizer), vocab_size))
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the tokenizer knows; a checkpoint's embedding may have more rows (padding, never sampled)."""
+        return len(self.tokenizer)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
