@@ -20,7 +20,7 @@ ARGS   ?=
 
 # Every recipe is a named preset in vlaa_min/presets.py (toy-base, toy-sft, toy, paper); ARGS overrides any value.
 
-.PHONY: install test test-slow rehearse data base sft grpo eval plot experiment bench clean
+.PHONY: install test test-slow rehearse data base sft grpo eval plot view experiment bench clean
 
 install: $(STAMP)
 
@@ -90,6 +90,11 @@ eval: $(STAMP)
 plot: $(STAMP)
 	$(PY) -c "from vlaa_min.metrics import plot_curves; print(plot_curves({'grpo': '$(RUNS)/grpo/metrics.jsonl'}, \
 	  ['reward', 'accuracy', 'completion_length', 'kl'], '$(RUNS)/grpo/curves.png', title='GRPO'))"
+
+# One self-contained HTML page of a GRPO run's rollout log (open it in a browser): $(RUN)/rollouts.html
+RUN ?= $(RUNS)/grpo
+view: $(STAMP)
+	$(PY) -m vlaa_min.view $(RUN)
 
 experiment: $(RUNS)/base/model/config.json
 	$(PY) experiment.py --base $(RUNS)/base/model --toy $(TOY) --out $(RUNS)/experiment $(ARGS)

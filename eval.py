@@ -136,8 +136,10 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
                 lens.append(n)
             scored = rewards.compute_rewards(texts, [record] * samples, config=reward_config)
             responses.append(texts), results.append(scored), lengths.append(lens)
+            cut = rollout.finish_reasons[p * samples : (p + 1) * samples]
             rows.extend({"id": record.get("id"), "type": record["verifier_type"], "question": record["question"],
-                         "gt": record["gt"], "response": t, **s} for t, s in zip(texts, scored))
+                         "gt": record["gt"], "response": t, **s, "length": n, "truncated": reason == "length"}
+                        for t, s, n, reason in zip(texts, scored, lens, cut))
     model.train(was_training)
     return summarize(records, responses, results, lengths), rows
 

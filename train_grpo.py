@@ -55,6 +55,7 @@ from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import MetricsLogger, plot_curves
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
+from vlaa_min.rollout_log import RolloutLog
 from vlaa_min.run import check_finite, check_model_dir, check_out_folder, file_sha256, open_run, release_lock
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
@@ -62,7 +63,7 @@ from vlaa_min.train_state import resume_training, save_checkpoint, save_model
 
 # Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
 RESUME_SAFE = frozenset({"eval_every", "eval_batch_size", "save_every", "sample_every", "device", "compile",
-                         "gradient_checkpointing", "skip_bad"})
+                         "gradient_checkpointing", "skip_bad", "log_rollouts_every", "rollout_groups_per_log"})
 
 
 @dataclass
@@ -119,6 +120,10 @@ class GRPOConfig:
     eval_batch_size: int = field(default=50, metadata={"help": "prompts per eval generation batch"})
     save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (0 = at the end only)"})
     sample_every: int = field(default=20, metadata={"help": "print decoded samples every N steps (0 = never)"})
+    log_rollouts_every: int = field(default=5, metadata={"help": "write groups to rollouts.jsonl every N steps "
+                                                                 "(0 = never; python -m vlaa_min.view)"})
+    rollout_groups_per_log: int = field(default=4, metadata={"help": "groups per logged step (and 4x held-out "
+                                                                     "answers per eval)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
     overwrite: bool = field(default=False, metadata={"help": "delete what --out holds and start again"})
     skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
@@ -128,7 +133,8 @@ class GRPOConfig:
                                     "max_prompt_length", "train_batch_size", "micro_batch_size", "mu", "lr",
                                     "eval_batch_size"),
                     non_negative=("eval_size", "max_pixels", "warmup_ratio", "weight_decay", "grad_clip", "kl_init",
-                                  "kl_target", "eval_every", "save_every", "sample_every"))
+                                  "kl_target", "eval_every", "save_every", "sample_every", "log_rollouts_every",
+                                  "rollout_groups_per_log"))
         rollout = self.prompts_per_step * self.group_size
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError(f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-batch-size")
@@ -166,10 +172,13 @@ def score_completions(model, processor, encoded, rows, rollout, cfg, device, pre
     return logp, entropy, mask
 
 
-def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precision) -> dict:
-    summary, _ = evaluation.evaluate(model, processor, records, cfg.images, max_new_tokens=cfg.max_new_tokens,
-                                     batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
-                                     precision=precision)
+def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precision, rollout_log=None,
+                   step: int = 0) -> dict:
+    summary, rows = evaluation.evaluate(model, processor, records, cfg.images, max_new_tokens=cfg.max_new_tokens,
+                                        batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
+                                        precision=precision)
+    if rollout_log is not None:
+        rollout_log.log_answers(step, records, rows)
     return summary
 
 
@@ -236,6 +245,8 @@ def main(cfg: GRPOConfig) -> dict:
         shuffler.set_state(state["shuffler"])
         start_step, history = state["step"], state["history"]
     metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if resumed else None)
+    rollout_log = RolloutLog(os.path.join(cfg.out, "rollouts.jsonl"), cfg.log_rollouts_every,
+                             cfg.rollout_groups_per_log, resume_step=start_step if resumed else None)
 
     def save(step: int) -> None:
         save_checkpoint(cfg.out, step, policy, processor, {
@@ -245,7 +256,8 @@ def main(cfg: GRPOConfig) -> dict:
             "settings": settings})
 
     if eval_records and "before" not in history:
-        history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision)
+        history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
+                                           rollout_log, step=0)
         print("held-out before GRPO:\n" + evaluation.markdown_table({"before": history["before"]}))
 
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="grpo",
@@ -325,6 +337,19 @@ def main(cfg: GRPOConfig) -> dict:
         kl_controller.update(mean_kl, n_samples=len(rows))
         t3 = time.perf_counter()
 
+        # --- rollout log (python -m vlaa_min.view): a few groups re-scored after the update, a few fixed prompts
+        if rollout_log.due(step + 1):
+            def updated_logp(subset):
+                return score_completions(policy, processor, encoded, subset, rollout, cfg, device, precision)[0]
+            rollout_log.log_rollout(step + 1, batch_records, rollout, texts, scored, advantages, ref_logp,
+                                    processor.tokenizer, updated_logp, kl_estimator=cfg.kl_estimator)
+            probes = records[: cfg.rollout_groups_per_log]  # the same prompts at every logged step
+            _, probe_rows = evaluation.evaluate(
+                policy, processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, reward_config=rewards_cfg,
+                seed=cfg.seed, engine=engine, precision=precision, progress=False)
+            rollout_log.log_answers(step + 1, probes, probe_rows, kind="probe", samples=cfg.group_size)
+
         # --- log
         generated = int(lengths.sum())
         row = {
@@ -365,7 +390,8 @@ def main(cfg: GRPOConfig) -> dict:
 
         # --- eval / save
         if eval_records and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            summary = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision)
+            summary = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
+                                     rollout_log, step=step + 1)
             row["eval_accuracy"] = summary["accuracy"]
             row.update({f"eval_accuracy/{t}": v["accuracy"] for t, v in summary["per_type"].items()})
         metrics.log(row)
@@ -374,7 +400,8 @@ def main(cfg: GRPOConfig) -> dict:
 
     # --- the end: final eval, checkpoint, model directory, plot
     if eval_records:
-        history["after"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision)
+        history["after"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
+                                          rollout_log, step=cfg.steps)
         table = evaluation.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
         with open(os.path.join(cfg.out, "eval.md"), "w") as f:
             f.write(table + "\n")
