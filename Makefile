@@ -28,7 +28,7 @@ endif
 
 # Every recipe is a named preset in vlaa_min/presets.py (toy-base, toy-sft, toy, paper); ARGS overrides any value.
 
-.PHONY: install test test-slow data base sft grpo eval plot view experiment bench clean
+.PHONY: install test test-slow rehearse data base sft grpo eval plot view experiment bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# The real run rehearsed on the CPU: Qwen's real tokenizer, Qwen2.5-VL-3B's widths (2 layers, random weights),
+# VLAA-Thinking's record layouts; make sft / grpo / eval with MODEL set, then parity with transformers (docs/rehearsal.md).
+rehearse: $(STAMP)
+	$(PY) -m pytest -m slow -s tests/test_rehearsal.py --basetemp $(RUNS)/rehearsal
 
 data: $(TOY)/world.json
 

@@ -45,6 +45,8 @@ class EvalConfig:
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (then --samples must be 1)"})
     max_new_tokens: int = field(default=800, metadata={"help": "the paper's evaluation budget"})
     batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
+    max_pixels: int = field(default=0, metadata={"help": "cap on an image's resized area (0 = the model's "
+                                                         "preprocessor_config.json)"})
     require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
@@ -55,7 +57,8 @@ class EvalConfig:
     skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
 
     def __post_init__(self):
-        check_sizes(self, positive=("samples", "max_new_tokens", "batch_size"), non_negative=("limit", "temperature"))
+        check_sizes(self, positive=("samples", "max_new_tokens", "batch_size"),
+                    non_negative=("limit", "temperature", "max_pixels"))
         if self.temperature == 0 and self.samples != 1:
             raise ConfigError("greedy decoding (--temperature 0) gives one response per question; use --samples 1")
 
@@ -114,7 +117,7 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
     engine = engine or Engine(model, pad_token_id=processor.special_ids["pad_token_id"])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
                             stop_token_ids=processor.stop_token_ids,
-                              banned_token_ids=processor.vision_token_ids)
+                            banned_token_ids=processor.vision_token_ids, vocab_size=processor.vocab_size)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -163,7 +166,7 @@ def main(cfg: EvalConfig) -> dict:
     records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reward_config=reward_config)
     if cfg.limit:
         records = records[: cfg.limit]
-    processor = Processor.from_pretrained(cfg.model)
+    processor = Processor.from_pretrained(cfg.model, cfg.max_pixels)
     model = VLModel.from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else precision,
                                     device=device)
     summary, rows = evaluate(model, processor, records, cfg.images, samples=cfg.samples, temperature=cfg.temperature,

@@ -87,6 +87,8 @@ class GRPOConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off; off keeps ratios exact)"})
     max_new_tokens: int = field(default=64, metadata={"help": "completion budget (paper: 1024)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are an error"})
+    max_pixels: int = field(default=0, metadata={"help": "cap on an image's resized area (0 = the model's "
+                                                         "preprocessor_config.json); 28*28*N: at most N image tokens"})
     # optimisation
     train_batch_size: int = field(default=32, metadata={"help": "samples per optimizer update (paper: 256, i.e. 8 "
                                                                   "updates per rollout of 512 x 4; here 256 / 32)"})
@@ -134,8 +136,8 @@ class GRPOConfig:
         check_sizes(self, positive=("steps", "prompts_per_step", "group_size", "temperature", "max_new_tokens",
                                     "max_prompt_length", "train_batch_size", "micro_batch_size", "mu", "lr",
                                     "eval_batch_size"),
-                    non_negative=("eval_size", "warmup_ratio", "weight_decay", "grad_clip", "kl_init", "kl_target",
-                                  "eval_every", "save_every", "sample_every", "log_rollouts_every",
+                    non_negative=("eval_size", "max_pixels", "warmup_ratio", "weight_decay", "grad_clip", "kl_init",
+                                  "kl_target", "eval_every", "save_every", "sample_every", "log_rollouts_every",
                                   "rollout_groups_per_log"))
         rollout = self.prompts_per_step * self.group_size
         if self.train_batch_size % self.micro_batch_size:
@@ -218,7 +220,7 @@ def main(cfg: GRPOConfig) -> dict:
 
     # --- data: validated (fields, types, gt for its reward, images, prompt lengths) before anything runs
     rewards_cfg = reward_config(cfg)
-    processor = Processor.from_pretrained(cfg.model)
+    processor = Processor.from_pretrained(cfg.model, cfg.max_pixels)
     records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reward_config=rewards_cfg)
     records = data.check_prompt_lengths(records, cfg.data, processor, cfg.images, cfg.max_prompt_length,
                                         "--max-prompt-length", leave_room=False, skip_bad=cfg.skip_bad)
@@ -254,7 +256,7 @@ def main(cfg: GRPOConfig) -> dict:
     engine = Engine(policy, pad_token_id=processor.special_ids["pad_token_id"], compile=cfg.compile)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop_token_ids=processor.stop_token_ids,
-                              banned_token_ids=processor.vision_token_ids)
+                              banned_token_ids=processor.vision_token_ids, vocab_size=processor.vocab_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # rollout sampling
     shuffler = torch.Generator().manual_seed(cfg.seed + 1)  # order of samples within a rollout buffer
 

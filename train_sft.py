@@ -72,6 +72,8 @@ class SFTConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
     max_length: int = field(default=2048, metadata={"help": "max tokens per sample (prompt + response)"})
+    max_pixels: int = field(default=0, metadata={"help": "cap on an image's resized area (0 = the model's "
+                                                         "preprocessor_config.json); 28*28*N: at most N image tokens"})
     freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower (the paper does)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (opt-in)"})
@@ -87,8 +89,8 @@ class SFTConfig:
 
     def __post_init__(self):
         check_sizes(self, positive=("epochs", "batch_size", "micro_batch_size", "lr", "max_length"),
-                    non_negative=("steps", "eval_size", "warmup_ratio", "weight_decay", "grad_clip", "eval_every",
-                                  "save_every"))
+                    non_negative=("steps", "eval_size", "max_pixels", "warmup_ratio", "weight_decay", "grad_clip",
+                                  "eval_every", "save_every"))
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
                              f"{self.micro_batch_size}")
@@ -128,7 +130,7 @@ def main(cfg: SFTConfig) -> str:
                           f"{cfg.micro_batch_size} x {world} processes")
 
     # --- data: everything is validated before the first step
-    processor = Processor.from_pretrained(cfg.model)
+    processor = Processor.from_pretrained(cfg.model, cfg.max_pixels)
 
     def load(path: str) -> list[dict]:
         records = data.load_records(path, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)

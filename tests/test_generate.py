@@ -275,6 +275,19 @@ def test_sampled_frequencies_match_the_filtered_distribution(top_k, top_p):
     assert torch.allclose(logprobs, unfiltered[tokens])
 
 
+def test_ids_past_the_vocabulary_are_never_drawn():
+    # The last two ids stand for embedding rows past the tokenizer; they hold the largest logits here.
+    logits = torch.tensor([0.3, 2.0, 1.1, 9.0, 8.0]).expand(1000, -1)
+    uniform = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    for greedy in (False, True):
+        params = SamplingParams(max_new_tokens=1, greedy=greedy, banned_token_ids=(1,), vocab_size=3)
+        tokens, logprobs = sample_tokens(logits, params, uniform)
+        assert set(tokens.tolist()) <= {0, 2} and (not greedy or set(tokens.tolist()) == {2})
+        assert torch.allclose(logprobs, torch.log_softmax(logits[0], dim=-1)[tokens])  # still unfiltered
+    with pytest.raises(ValueError, match="vocab_size"):
+        SamplingParams(max_new_tokens=1, vocab_size=-1)
+
+
 def test_inverse_cdf_never_draws_a_zero_probability_token():
     probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
     # The extreme uniforms: 0 lands on the last token with mass, the largest float below 1 on the first.
@@ -348,6 +361,8 @@ def test_bad_inputs_are_clear_errors():
         SamplingParams(max_new_tokens=2, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="tokenizer and checkpoint do not match"):
+        Engine(model, PAD).generate(batch, 1, SamplingParams(max_new_tokens=2, greedy=True, vocab_size=10**6), None)
 
 
 @pytest.mark.slow

@@ -383,6 +383,15 @@ def test_processor_save_and_load(processor, tmp_path):
     assert loaded.special_ids == custom.special_ids
     image = random_image(300, 200, seed=8)
     assert loaded.encode_prompt("How many?", [image]).input_ids == custom.encode_prompt("How many?", [image]).input_ids
+    # transformers' generate reads the stop ids our engine uses.
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": list(custom.stop_token_ids), "pad_token_id": custom.pad_token_id}
+    # --max-pixels overrides the file's cap and is written back with the next save.
+    capped = Processor.from_pretrained(tmp_path, max_pixels=28 * 28 * 4)
+    assert (capped.image_processor.max_pixels, capped.image_processor.min_pixels) == (28 * 28 * 4, 28 * 28)
+    assert int(capped.encode_prompt("How many?", [image]).image_grid_thw.prod()) // 4 <= 4
+    with pytest.raises(ValueError, match="below .* min_pixels"):
+        Processor.from_pretrained(tmp_path, max_pixels=28 * 27)
     # Without preprocessor_config.json the defaults apply.
     (tmp_path / "preprocessor_config.json").unlink()
     assert Processor.from_pretrained(tmp_path).image_processor == ImageProcessor()

@@ -52,6 +52,9 @@ class SamplingParams:
     # Never sampled, e.g. <|image_pad|>: a generated image placeholder could not be re-scored by a forward pass
     # (the model would look for an image to put there). Log-probs stay those of the unfiltered distribution.
     banned_token_ids: tuple[int, ...] = ()
+    # Ids at or past it are never sampled (0 = no limit): Qwen pads its 151,665 tokens to 151,936 embedding rows,
+    # and the rows past the tokenizer decode to nothing. Processor.vocab_size gives it.
+    vocab_size: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -64,6 +67,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.vocab_size < 0:
+            raise ValueError(f"SamplingParams.vocab_size must be >= 0 (0 = no limit), got {self.vocab_size}")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
         object.__setattr__(self, "banned_token_ids", tuple(int(i) for i in self.banned_token_ids))
 
@@ -144,10 +149,12 @@ def sample_tokens(
         if banned is None:
             banned = scaled.new_tensor(params.banned_token_ids, dtype=torch.long)
         allowed = scaled.index_fill(1, banned, float("-inf"))
+    vocab = params.vocab_size if 0 < params.vocab_size < scaled.shape[-1] else scaled.shape[-1]
     if not params.greedy and allowed is scaled and params.top_k == 0 and params.top_p == 1.0:
-        cdf = weights.cumsum(dim=-1)  # (N, V)
-        tokens, total = draw_from_cdf(cdf, uniform), cdf[:, -1]
+        cdf = weights[:, :vocab].cumsum(dim=-1)  # (N, vocab): the rows past the tokenizer are never drawn
+        tokens, total = draw_from_cdf(cdf, uniform), cdf[:, -1] + weights[:, vocab:].sum(dim=-1)
     else:
+        allowed = allowed[:, :vocab]
         if params.greedy:
             tokens = allowed.argmax(dim=-1)
         else:
@@ -224,6 +231,9 @@ class Engine:
         random draw, on the model's device (may be None only with greedy=True).
         """
         device = self.model.lm_head.weight.device
+        if params.vocab_size > self.model.lm_head.weight.shape[0]:
+            raise ValueError(f"Engine.generate: the tokenizer has {params.vocab_size} tokens but the model only "
+                             f"{self.model.lm_head.weight.shape[0]} embedding rows: tokenizer and checkpoint do not match")
         if num_samples < 1:
             raise ValueError(f"Engine.generate: num_samples must be >= 1, got {num_samples}")
         if not params.greedy and (generator is None or generator.device.type != device.type):

@@ -54,6 +54,7 @@ SYSTEM_PROMPT = (
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+GENERATION_CONFIG = "generation_config.json"
 MAX_ASPECT_RATIO = 200
 
 
@@ -249,8 +250,12 @@ class Processor:
             "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Processor":
-        """Load the tokenizer (AutoTokenizer) and preprocessor_config.json (defaults if absent)."""
+    def from_pretrained(cls, path: str | Path, max_pixels: int | None = None) -> "Processor":
+        """Load the tokenizer (AutoTokenizer) and preprocessor_config.json (defaults if absent).
+
+        max_pixels overrides the file's cap on an image's resized area (Qwen2.5-VL's hub file allows 12,845,056
+        pixels, up to 16,384 tokens per image); save_pretrained writes the value used, so it travels with the model.
+        """
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         config_path = Path(path) / PREPROCESSOR_CONFIG
         image_processor = ImageProcessor()
@@ -260,7 +265,17 @@ class Processor:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{config_path}: not valid JSON ({error})") from error
             image_processor = ImageProcessor.from_dict(config, source=str(config_path))
+        if max_pixels:
+            if max_pixels < image_processor.min_pixels:
+                raise ValueError(f"max_pixels {max_pixels} is below {config_path}'s min_pixels "
+                                 f"{image_processor.min_pixels}")
+            image_processor = replace(image_processor, max_pixels=max_pixels)
         return cls(tokenizer, image_processor)
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the tokenizer knows; a checkpoint's embedding may have more rows (padding, never sampled)."""
+        return len(self.tokenizer)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -268,6 +283,9 @@ class Processor:
         # Chat template inside tokenizer_config.json, where Qwen's checkpoints keep it.
         self.tokenizer.save_pretrained(str(path), save_jinja_files=False)
         (path / PREPROCESSOR_CONFIG).write_text(json.dumps(self.image_processor.to_dict(), indent=2) + "\n")
+        # The stop ids our engine uses, so that transformers' generate and vLLM end a turn where it does.
+        generation = {"eos_token_id": list(self.stop_token_ids), "pad_token_id": self.pad_token_id}
+        (path / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
     # --- text -------------------------------------------------------------------------------
 
