@@ -279,10 +279,11 @@ def test_ids_past_the_vocabulary_are_never_drawn():
     # The last two ids stand for embedding rows past the tokenizer; they hold the largest logits here.
     logits = torch.tensor([0.3, 2.0, 1.1, 9.0, 8.0]).expand(1000, -1)
     uniform = torch.rand(1000, generator=torch.Generator().manual_seed(0))
-    for greedy in (False, True):
-        params = SamplingParams(max_new_tokens=1, greedy=greedy, banned_token_ids=(1,), vocab_size=3)
+    for greedy, banned in ((False, (1,)), (True, (1,)), (False, ())):  # the last one is the plain sampler's path
+        params = SamplingParams(max_new_tokens=1, greedy=greedy, banned_token_ids=banned, vocab_size=3)
         tokens, logprobs = sample_tokens(logits, params, uniform)
-        assert set(tokens.tolist()) <= {0, 2} and (not greedy or set(tokens.tolist()) == {2})
+        allowed = {0, 1, 2} - set(banned)
+        assert set(tokens.tolist()) == ({2} if greedy else allowed)
         assert torch.allclose(logprobs, torch.log_softmax(logits[0], dim=-1)[tokens])  # still unfiltered
     with pytest.raises(ValueError, match="vocab_size"):
         SamplingParams(max_new_tokens=1, vocab_size=-1)
