@@ -3,13 +3,15 @@
 Runs, all from the same toy "instruct" base (`make base`), SFT with the "toy-sft" preset and every GRPO run with
 the "toy" one (vlaa_min/presets.py):
     base                  the starting point (evaluated only)
-    sft-clean             SFT on clean (verified) reasoning traces
-    sft-pseudo            SFT on hesitant "pseudo reasoning" traces    (the paper's distilled SFT data)
+    sft-clean             SFT on clean reasoning traces, one for every record (oracle traces)
+    sft-verified          SFT on the clean traces the paper's pipeline would keep from the flawed teacher (step 5)
+    sft-pseudo            SFT on hesitant "pseudo reasoning" traces (R1's imitated hesitations)
     grpo                  GRPO from the base                     (the paper: best)
     sft-clean+grpo        GRPO after clean SFT
+    sft-verified+grpo     GRPO after verified SFT                (the paper: SFT then GRPO ends lower)
     sft-pseudo+grpo       GRPO after pseudo SFT                  (the paper: SFT then GRPO ends lower)
 and writes <out>/results.md (held-out accuracy per reward type, response length, aha words per response) and
-<out>/curves.png (reward and response length of the three GRPO runs: the paper's Fig. 6 in miniature).
+<out>/curves.png (reward and response length of the four GRPO runs: the paper's Fig. 6 in miniature).
 Finished runs are reused, and an interrupted one resumes from its last checkpoint.
 
     make experiment            # = python experiment.py --base runs/base/model --out runs/experiment
@@ -65,6 +67,7 @@ def main(cfg: ExperimentConfig) -> str:
     print_config(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     sft_models = {"sft-clean": run_sft(cfg, "sft-clean", "sft.json"),
+                  "sft-verified": run_sft(cfg, "sft-verified", "sft_verified.json"),
                   "sft-pseudo": run_sft(cfg, "sft-pseudo", "sft_pseudo.json")}
     histories = {"grpo": run_grpo(cfg, "grpo", cfg.base)}
     for name, model in sft_models.items():

@@ -20,7 +20,8 @@ Three targets per record, one for each training stage we imitate:
                          the detour revises the answer into a near miss (meta["pseudo_flipped"]).
 
 Files (build_world): images/, base.json (direct answers), sft.json (clean traces), sft_pseudo.json (pseudo
-traces), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no (scene,
+traces), sft_verified.json (the clean traces of the records whose teacher answer is right: what the paper's step 5
+keeps when this teacher distills), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no (scene,
 question) pair. Build it with: python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--base-size N]
 """
 
@@ -441,6 +442,7 @@ def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teach
         "base.json": with_answer(splits["base"], "direct_answer"),
         "sft.json": splits["sft"],
         "sft_pseudo.json": with_answer(splits["sft"], "pseudo_answer"),
+        "sft_verified.json": [r for r in splits["sft"] if not r["meta"]["teacher_wrong"]],
         "rl.json": splits["rl"],
         "test.json": splits["test"],
     }

@@ -164,6 +164,12 @@ def test_targets_per_file(world):
     assert [r["meta"]["clean_answer"] for r in files["sft_pseudo.json"]] == [r["answer"] for r in files["sft.json"]]
     assert all("clean_answer" not in r["meta"] for name in ("sft.json", "rl.json", "test.json") for r in files[name])
     assert [r["id"] for r in files["sft_pseudo.json"]] == [r["id"] for r in files["sft.json"]]
+    # Verified: the records whose teacher answer passes the ground-truth check, with their clean traces.
+    verified = [r for r in files["sft.json"] if not r["meta"]["teacher_wrong"]]
+    assert files["sft_verified.json"] == verified and 0 < len(verified) < len(files["sft.json"])
+    for r in verified:
+        if r["verifier_type"] in ("digit", "math", "mcq"):
+            assert r["meta"]["direct_answer"].endswith(f"<answer>{r['gt']}</answer>"), r["meta"]["direct_answer"]
 
 
 # --- rewards of the reference answers -------------------------------------------------------------------------
