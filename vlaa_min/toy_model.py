@@ -24,14 +24,22 @@ from vlaa_min.tokenizer import build_tokenizer, special_token_ids
 
 
 def corpus_texts(data_dir: str) -> list[str]:
-    """Every text a toy model reads or writes: the system prompt and each record's question and targets."""
-    texts = [SYSTEM_PROMPT]
+    """Every text a toy model reads or writes: the system prompt and each record's question and targets.
+
+    Each record counts once: a file that repeats records of another (sft_verified.json, a subset of sft.json)
+    adds nothing, so the tokenizer does not change when such a file is added to the world.
+    """
+    texts, seen = [SYSTEM_PROMPT], set()
     for path in sorted(glob.glob(os.path.join(data_dir, "*.json"))):
         with open(path) as f:
             records = json.load(f)
         if not isinstance(records, list):
             continue  # the world.json manifest
         for record in records:
+            key = (record.get("id"), record.get("answer"))
+            if key in seen:
+                continue
+            seen.add(key)
             meta = record.get("meta", {})
             texts += [record["question"], record["gt"], record.get("answer", ""),
                       meta.get("direct_answer", ""), meta.get("pseudo_answer", "")]
