@@ -32,9 +32,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 
+from toyworld import ToySceneScorer
 from vlaa_min.math_check import check_math
 from vlaa_min.open_scorers import OpenScorer, TokenF1Scorer, load_scorer  # noqa: F401 (part of the API)
-from vlaa_min.reward_types import REWARD_TYPES, SampleError, record_meta, resolve_type  # noqa: F401 (the API)
+from vlaa_min.reward_types import NUMBER_WORDS, REWARD_TYPES, SampleError, record_meta, resolve_type  # noqa: F401
 
 IOU_CORRECT = 0.5  # an iou answer is correct from this IoU on
 SIMILARITY_CORRECT = 0.5  # an open answer scored by a similarity (relative=False, e.g. F1) is correct from here on
@@ -99,9 +100,6 @@ def extract_answer(response: str, require_think: bool = False) -> tuple[str | No
 
 # A number: optional sign (not glued to a preceding word/number), digits with optional thousands groups and decimals.
 _NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-NUMBER_WORDS = {word: index for index, word in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b", re.IGNORECASE)
 _EXPRESSION = re.compile(r"\d\s*(?:[*/^=\u00d7\u00f7]|x\s*\d)")  # "3*3", "6/2", "3 x 3": arithmetic, not a number
 
@@ -329,7 +327,6 @@ def _open_scorer(sample: dict, config: RewardConfig) -> OpenScorer:
     if config.open_scorer is not None:
         return config.open_scorer
     if "scene" in record_meta(sample):
-        from toyworld import ToySceneScorer  # imported here, not at the top: toyworld imports this module
         return ToySceneScorer()
     return TokenF1Scorer()
 

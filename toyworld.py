@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from rewards import NUMBER_WORDS
 from vlaa_min.cli import parse_config, print_config
-from vlaa_min.reward_types import SampleError, record_meta
+from vlaa_min.reward_types import NUMBER_WORDS, SampleError, record_meta
 
 VERSION = 2
 IMAGE_SIZE = 112

@@ -10,6 +10,11 @@ import re
 
 REWARD_TYPES = ("digit", "mcq", "math", "iou", "open")
 
+# Number words the digit reward reads (without digits in the answer) and the toy scene scorer counts with.
+NUMBER_WORDS = {word: index for index, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+
 # Other spellings of verifier_type, after lower-casing and turning "-", "." and spaces into "_".
 TYPE_ALIASES = {
     **{name: name for name in REWARD_TYPES},
