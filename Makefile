@@ -49,6 +49,7 @@ test-slow: $(STAMP)
 # The real run rehearsed on the CPU: Qwen's real tokenizer, Qwen2.5-VL-3B's widths (2 layers, random weights),
 # VLAA-Thinking's record layouts; make sft / grpo / eval with MODEL set, then parity with transformers (docs/rehearsal.md).
 rehearse: $(STAMP)
+	mkdir -p $(RUNS)
 	$(PY) -m pytest -m slow -s tests/test_rehearsal.py --basetemp $(RUNS)/rehearsal
 
 data: $(TOY)/world.json
