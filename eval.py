@@ -77,34 +77,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def summarize(records: list[dict], responses: list[list[str]], results: list[list[dict]],
-              lengths: list[list[int]]) -> dict:
-    """Aggregate per-question lists of k (response, reward result, token length) into the report."""
+def summarize(records: list[dict], rows: list[dict], samples: int = 1) -> dict:
+    """Aggregate evaluate's rows (`samples` per record, record-major) into the report."""
     by_type: dict[str, dict] = {}
-    k = len(responses[0]) if responses else 1
-    for record, texts, scored, token_lengths in zip(records, responses, results, lengths):
+    for index, record in enumerate(records):
+        scored = rows[index * samples : (index + 1) * samples]
         row = by_type.setdefault(record["verifier_type"], {"n": 0, "correct": 0.0, "reward": 0.0, "pass": 0.0})
         correct = sum(r["correct"] for r in scored)
         row["n"] += 1
-        row["correct"] += correct / k
-        row["reward"] += sum(r["reward"] for r in scored) / k
-        row["pass"] += pass_at_k(k, correct, k)
-    flat = [r for scored in results for r in scored]
-    all_texts = [t for texts in responses for t in texts]
-    all_lengths = [n for per_question in lengths for n in per_question]
+        row["correct"] += correct / samples
+        row["reward"] += sum(r["reward"] for r in scored) / samples
+        row["pass"] += pass_at_k(samples, correct, samples)
     per_type = {t: {"n": row["n"], "accuracy": row["correct"] / row["n"], "mean_reward": row["reward"] / row["n"],
-                    f"pass@{k}": row["pass"] / row["n"]} for t, row in sorted(by_type.items())}
+                    f"pass@{samples}": row["pass"] / row["n"]} for t, row in sorted(by_type.items())}
     total = sum(row["n"] for row in by_type.values())
+    texts = [r["response"] for r in rows]
     return {
         "n": total,
-        "samples_per_question": k,
+        "samples_per_question": samples,
         "accuracy": sum(row["correct"] for row in by_type.values()) / max(total, 1),
-        f"pass@{k}": sum(row["pass"] for row in by_type.values()) / max(total, 1),
+        f"pass@{samples}": sum(row["pass"] for row in by_type.values()) / max(total, 1),
         "per_type": per_type,
-        "format_failure": sum(r["reason"] == "format" for r in flat) / max(len(flat), 1),
-        "mean_length": sum(all_lengths) / max(len(all_lengths), 1),
-        "aha_per_response": sum(aha_count(t) for t in all_texts) / max(len(all_texts), 1),
-        "aha_share": sum(aha_count(t) > 0 for t in all_texts) / max(len(all_texts), 1),
+        "format_failure": sum(r["reason"] == "format" for r in rows) / max(len(rows), 1),
+        "mean_length": sum(r["length"] for r in rows) / max(len(rows), 1),
+        "aha_per_response": sum(aha_count(t) for t in texts) / max(len(texts), 1),
+        "aha_share": sum(aha_count(t) > 0 for t in texts) / max(len(texts), 1),
     }
 
 
@@ -121,7 +118,7 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    responses, results, lengths, rows = [], [], [], []
+    rows = []
     for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
         batch = data.collate_prompts(chunk, processor, images_root).to(device)
@@ -135,13 +132,12 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
                 texts.append(processor.decode(rollout.completion_ids[row, :n].tolist()))
                 lens.append(n)
             scored = rewards.compute_rewards(texts, [record] * samples, config=reward_config)
-            responses.append(texts), results.append(scored), lengths.append(lens)
             cut = rollout.finish_reasons[p * samples : (p + 1) * samples]
             rows.extend({"id": record.get("id"), "type": record["verifier_type"], "question": record["question"],
                          "gt": record["gt"], "response": t, **s, "length": n, "truncated": reason == "length"}
                         for t, s, n, reason in zip(texts, scored, lens, cut))
     model.train(was_training)
-    return summarize(records, responses, results, lengths), rows
+    return summarize(records, rows, samples), rows
 
 
 def markdown_table(summaries: dict[str, dict]) -> str:

@@ -178,13 +178,17 @@ def score_completions(model, processor, encoded, rows, rollout, cfg, device, pre
 
 def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precision, rollout_log=None,
                    step: int = 0) -> dict:
-    with distributed.gathered(model):  # [distributed] every rank evaluates every record (greedy: the same result)
-        summary, rows = evaluation.evaluate(model, processor, records, cfg.images, max_new_tokens=cfg.max_new_tokens,
-                                            batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
-                                            precision=precision)
+    # [distributed] each rank answers a contiguous share of the records; the rows are gathered in record order
+    rank, world = distributed.rank(), distributed.world_size()
+    share = records[len(records) * rank // world : len(records) * (rank + 1) // world]
+    with distributed.gathered(model):
+        _, rows = evaluation.evaluate(model, processor, share, cfg.images, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
+                                      precision=precision)
+    rows = [row for rank_rows in distributed.all_gather_objects(rows) for row in rank_rows]
     if rollout_log is not None:
         rollout_log.log_answers(step, records, rows)
-    return summary
+    return evaluation.summarize(records, rows)
 
 
 def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
