@@ -121,7 +121,8 @@ class LanguageModel(nn.Module):
     def forward(self, embeds, position_ids, mask, past: Past | None, cache_position, gradient_checkpointing: bool):
         """embeds (B, T, D), mask (B, 1, T, S) -> final-normed hidden states (B, T, D), every layer's new k/v."""
         cos, sin = self.mrope(position_ids, embeds.dtype)
-        mask = fold_mask(mask, self.config.num_attention_heads // self.config.num_key_value_heads)  # once, not per layer
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        mask = fold_mask(mask, groups)  # once for all layers
         # Caches are written in place, so only training forwards (no past, or a prefix) are recomputed.
         recompute = gradient_checkpointing and self.training and (past is None or isinstance(past, PrefixKV))
         x = embeds  # (B, T, D)
