@@ -231,3 +231,6 @@ class GroupedKVCache:
         prompt_probs, own_probs = probs.split([prompt_len, probs.shape[-1] - prompt_len], dim=-1)
         out = by_row(by_prompt(prompt_probs) @ v_prompt.to(q.dtype)) + own_probs @ v_own.to(q.dtype)
         return out.reshape(rows, heads, 1, head_dim)
+
+
+Past = PrefixKV | KVCache | GroupedKVCache  # what `VLModel.forward(past=...)` takes
