@@ -96,7 +96,7 @@ def main(cfg: BenchConfig) -> None:
         return engine._decode_step(tokens, positions, slot, cache, uniform, greedy)
 
     def decoder_only(tokens, positions, slot, cache, uniform):
-        return model(tokens[:, None], positions, cache=cache, cache_position=slot, return_hidden=True)
+        return model(tokens[:, None], positions, past=cache, cache_position=slot, return_hidden=True)
 
     def copies_step(tokens, positions, slot, cache, uniform):
         return engine._decode_step(tokens, positions, slot, cache, uniform, sample)

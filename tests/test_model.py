@@ -22,9 +22,9 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlaa_min.checkpoint import atomic_directory, load_state_dict, save_state_dict
-from vlaa_min.cache import GroupedKVCache, KVCache
+from vlaa_min.cache import GroupedKVCache, KVCache, attention_mask_4d
 from vlaa_min.config import ModelConfig
-from vlaa_min.model import VLModel, _hf_to_ours, attention_mask_4d
+from vlaa_min.model import VLModel, _hf_to_ours
 from vlaa_min.rope import mrope_position_ids, next_position_ids
 from tests.helpers import randomize_
 
@@ -390,11 +390,11 @@ def test_cached_forward_matches_uncached(pair):
         prompt_len = prompt_ids.shape[1]
         cache = KVCache.for_model(ours, batch_size=2, max_len=input_ids.shape[1] + 3)  # spare slots stay invalid
         prefill = ours(prompt_ids, positions[:, :, :prompt_len], prompt_mask, pixels, grid,
-                       cache=cache, cache_position=torch.arange(prompt_len))
+                       past=cache, cache_position=torch.arange(prompt_len))
         steps = [prefill]
         for t in range(prompt_len, input_ids.shape[1]):
             step = ours(input_ids[:, t : t + 1], positions[:, :, t : t + 1], mask[:, t : t + 1],
-                        cache=cache, cache_position=torch.tensor([t]))
+                        past=cache, cache_position=torch.tensor([t]))
             steps.append(step)
     cached = torch.cat(steps, dim=1)
     assert max_diff_on_real_tokens(cached, full, mask) <= TOL
@@ -424,11 +424,11 @@ def test_grouped_cache_decode_equals_full_forward(pair):
     with torch.no_grad():
         full = ours(input_ids, positions, mask, rows_pixels, rows_grid)[:, prompt_len:]  # (N, steps, V)
         cache = KVCache.for_model(ours, batch_size=2, max_len=prompt_len)
-        ours(prompt_ids, our_positions(prompt_ids, prompt_mask, grid), prompt_mask, pixels, grid, cache=cache,
+        ours(prompt_ids, our_positions(prompt_ids, prompt_mask, grid), prompt_mask, pixels, grid, past=cache,
              cache_position=torch.arange(prompt_len))
         grouped = GroupedKVCache(cache, group, max_new_tokens=steps + 2)  # spare slots stay invalid
         cached = [
-            ours(tokens[:, t : t + 1], positions[:, :, prompt_len + t : prompt_len + t + 1], None, cache=grouped,
+            ours(tokens[:, t : t + 1], positions[:, :, prompt_len + t : prompt_len + t + 1], None, past=grouped,
                  cache_position=torch.tensor([prompt_len + t]))
             for t in range(steps)
         ]

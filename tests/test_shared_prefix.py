@@ -147,10 +147,16 @@ def test_masked_logprobs_equal_plain_forward_values_and_gradients(model_type):
     assert_same_grads(grads(model), expected_grads)
 
 
-def test_prefix_and_static_cache_exclude_each_other():
+def test_misused_pasts_are_refused():
+    """A past the model cannot use is a ValueError that names it: not a past at all, a cache without the slots
+    of the new tokens, a prefix with another number of rows than the batch."""
     model = make_model()
     batch = make_batch([(6, None)])
+    last_ids, last_positions = batch.input_ids[:, -1:], batch.position_ids[:, :, -1:]
     prefix = model.encode_prefix(batch.input_ids[:, :-1], batch.position_ids[:, :, :-1])
-    with pytest.raises(ValueError, match="exclude"):
-        model(batch.input_ids[:, -1:], batch.position_ids[:, :, -1:], cache=KVCache.for_model(model, 1, 8),
-              cache_position=torch.tensor([5]), prefix=prefix)
+    with pytest.raises(ValueError, match="past must be"):
+        model(last_ids, last_positions, past=prefix.layers)
+    with pytest.raises(ValueError, match="cache_position"):
+        model(last_ids, last_positions, past=KVCache.for_model(model, 1, 8))
+    with pytest.raises(ValueError, match="rows"):
+        model(last_ids.repeat(2, 1), last_positions.repeat(1, 2, 1), past=prefix)

@@ -186,7 +186,7 @@ class Engine:
 
     def _decode_step(self, tokens, position_ids, cache_position, cache, uniform, params, banned=None):
         """Feed one token per row (N,) at cache slot cache_position (1,) -> next tokens (N,), their log-probs (N,)."""
-        logits = self.model(tokens[:, None], position_ids, cache=cache, cache_position=cache_position)  # (N, 1, V)
+        logits = self.model(tokens[:, None], position_ids, past=cache, cache_position=cache_position)  # (N, 1, V)
         return sample_tokens(logits[:, -1], params, uniform, banned)
 
     def _prefill(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, num_samples, max_new,
@@ -209,7 +209,7 @@ class Engine:
             attention_mask,
             pixel_values,
             image_grid_thw,
-            cache=cache,
+            past=cache,
             cache_position=torch.arange(prompt_len, device=input_ids.device),
             return_hidden=True,
         )  # (B, T, D)

@@ -1,16 +1,24 @@
 """Log-probabilities of chosen tokens, computed only where needed and in chunks.
 
-The language-model head maps D -> V (V = 151,936 for Qwen), so logits for every position of a batch,
-(B, T, V) in float32, are the largest tensor of a training step. We instead gather the hidden states of the
-positions that are scored (assistant tokens in SFT, completion tokens in GRPO), then run the head, the
-temperature and the log-softmax on chunks of them. With gradients on and several chunks, each chunk is recomputed
-in the backward pass (activation checkpointing), so at most one (chunk, V) block of logits is alive at a time.
+The path from GRPO's log pi(o_t) to the logits, in the order it runs (completion_logprobs):
+  1. `VLModel.encode_prefix(prompts)` (model.py) runs each prompt once (its images encoded once) and returns its
+     keys/values at every layer as a `PrefixKV` (cache.py); `select` hands each completion its prompt's.
+  2. `VLModel.forward(completion, past=prefix)` embeds the tokens, takes the mask from `prefix.mask`, and runs
+     the decoder layers; in each, `Attention.forward` projects q/k/v, applies MRoPE and calls `PrefixKV.attend`
+     (the prefix's keys/values in front of the new ones, one scaled-dot-product attention); then the MLP.
+     The final norm gives the hidden states.
+  3. `token_logprobs` (here): the hidden states of completion positions -> lm_head -> / temperature ->
+     log_softmax -> gather the chosen token's entry.
 
-Shared beginnings run once (cache.PrefixKV): a GRPO prompt for all G of its completions (completion_logprobs),
-and the system prompt every SFT sample starts with (masked_logprobs). Same values and gradients as full forwards
+The language-model head maps D -> V (V = 151,936 for Qwen), so logits for every position of a batch, (B, T, V)
+in float32, are the largest tensor of a training step. So only the scored positions (assistant tokens in SFT,
+completion tokens in GRPO) go through the head, in chunks; with gradients on and several chunks, each chunk is
+recomputed in the backward pass (activation checkpointing): at most one (chunk, V) block of logits is alive.
+
+Shared beginnings run once (PrefixKV): a GRPO prompt for all G of its completions (completion_logprobs), and the
+system prompt every SFT sample starts with (masked_logprobs). Same values and gradients as full forwards
 (tests/test_shared_prefix.py), a fraction of the tokens.
 """
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -79,7 +87,8 @@ def sequence_logprobs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) log-probs of the masked tokens given their prefix (0 elsewhere), and the entropy likewise."""
-    assert not target_mask[:, 0].any(), "position 0 has no prefix to predict it from"
+    if bool(target_mask[:, 0].any()):
+        raise ValueError("sequence_logprobs: target_mask marks position 0, which has no prefix to predict it from")
     predicting = target_mask[:, 1:]  # (B, T-1): hidden state t predicts token t+1
     chosen, entropy = token_logprobs(
         hidden[:, :-1][predicting], lm_head, input_ids[:, 1:][predicting], temperature, chunk_size, with_entropy
@@ -137,7 +146,7 @@ def masked_logprobs(
     else:
         shared = 0
     hidden = model(input_ids[:, shared:], position_ids[:, :, shared:], attention_mask[:, shared:], pixel_values,
-                   image_grid_thw, return_hidden=True, prefix=prefix)  # (B, T - shared, D)
+                   image_grid_thw, return_hidden=True, past=prefix)  # (B, T - shared, D)
     logp, _ = sequence_logprobs(hidden, input_ids[:, shared:], target_mask[:, shared:], model.lm_head, temperature,
                                 chunk_size)
     return F.pad(logp, (shared, 0))  # (B, T)
@@ -183,7 +192,7 @@ def completion_logprobs(
     last_position = prompts.position_ids[:, :, -1:].index_select(1, prompt_rows)  # (3, n, 1)
     completion_positions = (start[:, None] + steps[None, :-1]).expand(3, n, length - 1)  # (3, n, L - 1)
     position_ids = torch.cat([last_position, completion_positions], dim=2)  # (3, n, L)
-    hidden = model(input_ids, position_ids, attention_mask, return_hidden=True, prefix=prefix)  # (n, L, D)
+    hidden = model(input_ids, position_ids, attention_mask, return_hidden=True, past=prefix)  # (n, L, D)
 
     chosen, entropy = token_logprobs(hidden[completion_mask], model.lm_head, completion_ids[completion_mask],
                                      temperature, chunk_size, with_entropy)
