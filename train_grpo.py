@@ -17,16 +17,14 @@ times; every batch after the first is off-policy, which is what the clip is for.
 controller ("KL2": init 1e-3, target 5e-4) or stays fixed (--kl-target 0); --kl-init 0 loads no reference model.
 
 Paper (OpenRLHF) vs here: G = 4, temperature 0.8, 512 prompts per rollout, train batch 256, cosine LR with 3%
-warmup to a 5e-7 floor, eps 0.2, 1024 new tokens: `make grpo` with MODEL/DATA/IMAGES uses those. The toy default
-shrinks batch and length for a 2-core CPU, raises the LR and warms up over 10%; clip-higher (DAPO), Dr. GRPO's aggregation, mu > 1
-and dropping zero-variance groups are options, off by default. The vision tower is frozen by default.
+warmup to a 5e-7 floor, eps 0.2, 1024 new tokens (the `paper` preset). The toy default shrinks batch and length for
+a 2-core CPU, raises the LR and warms up over 10%; clip-higher (DAPO), Dr. GRPO's aggregation, mu > 1 and dropping
+zero-variance groups are options, off by default. The vision tower is frozen by default.
 
     make grpo                                   # toy world, CPU: data + base if missing, then GRPO and eval
-    make grpo MODEL=Qwen2.5-VL-3B-Instruct DATA=VLAA-Thinking-GRPO-25K.json IMAGES=images
-Resume with the same command plus --resume true (--overwrite true starts it again).
-On N GPUs (FSDP2): torchrun --standalone --nproc_per_node N train_grpo.py ... or make grpo NPROC=N. Each rank
-samples its share of the step's prompts (a prompt's G samples stay on their rank); the loss normaliser, the KL
-controller and the metrics are global, so N ranks make the update one process makes from the same rollout.
+    make grpo MODEL=Qwen2.5-VL-3B-Instruct DATA=VLAA-Thinking-GRPO-25K.json IMAGES=images   # add NPROC=N: FSDP2
+Resume with the same command plus --resume true. Under torchrun each rank samples its share of the prompts (a
+prompt's G samples stay on their rank); normaliser, KL controller and metrics are global (the [distributed] lines).
 """
 
 import copy

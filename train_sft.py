@@ -23,9 +23,7 @@ Runs:
     python train_sft.py --model runs/base/model --data toy/sft.json --images toy/images --out runs/sft
     python train_sft.py --preset paper --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json \
         --images images --out runs/sft-3b
-Resume an interrupted run with the same command plus --resume true (--overwrite true starts it again).
-On N GPUs (FSDP2; the same global batch, each rank a share of it): torchrun --standalone --nproc_per_node N
-train_sft.py ... or make sft NPROC=N.
+Resume with the same command plus --resume true; on N GPUs (FSDP2, each rank a share of the batch): NPROC=N.
 """
 
 import dataclasses

@@ -8,16 +8,15 @@ GRPO spends most of its time here, so the engine does the minimum per generated 
    OWN first token: drawing it before the hand-over would start all G samples of a group identically.
 3. Decode with fixed shapes: one token per row per step at the row's slot `step`, position next_position + step
    on all three MRoPE axes. Finished rows are fed the pad token, with log-prob 0. The host checks "all rows
-   done" only every `sync_every` steps, so the loop never waits on the device for a single token. With
-   `cuda_graphs=True` each step is one graph replay on buffers kept between calls (vlaa_min/decode_graphs.py).
+   done" only every `sync_every` steps, so the loop never waits on the device for a single token.
 Sampling (sample_tokens): logits / temperature, top-k, top-p, one inverse-CDF draw per row; the returned
 log-probs are those of the unfiltered softmax(logits / temperature), what GRPO's ratio needs.
 
 The paper samples G = 4 rollouts per prompt at temperature 0.8 (the caller's SamplingParams). Deviations from
 transformers' generate: no repetition penalty, beam search or min_new_tokens; stopping is by stop token ids or
 max_new_tokens only; completions are trimmed to the longest row. `compile=True` wraps the decode step in
-torch.compile (one graph for all steps); tests run eager. `cuda_graphs=True` (on a GPU, best with compile) records
-the step as a CUDA graph per shape bucket and replays it with one launch per token.
+torch.compile (one graph for all steps); tests run eager. `cuda_graphs=True` (GPU) records the step as a CUDA graph
+per shape bucket and replays it with one launch per token (vlaa_min/decode_graphs.py).
 
 Usage:
     engine = Engine(model, pad_token_id=processor.pad_token_id)         # on GPU: compile=True, cuda_graphs=True
