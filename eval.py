@@ -112,9 +112,8 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
     """Generate for every record, score with the training rewards; returns (summary, per-response rows)."""
     device = next(model.parameters()).device
     engine = engine or Engine(model, pad_token_id=processor.special_ids["pad_token_id"])
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0,
-                            stop_token_ids=processor.stop_token_ids,
-                            banned_token_ids=processor.vision_token_ids, vocab_size=processor.vocab_size)
+    params = SamplingParams.for_processor(processor, max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
+                                          greedy=temperature == 0)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()

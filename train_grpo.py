@@ -256,9 +256,8 @@ def main(cfg: GRPOConfig) -> dict:
                      else FixedKLController(cfg.kl_init))
     sampler = data.EpochSampler(len(records), seed=cfg.seed, rank=rank, world_size=world)
     engine = Engine(policy, pad_token_id=processor.special_ids["pad_token_id"], compile=cfg.compile)
-    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              stop_token_ids=processor.stop_token_ids,
-                              banned_token_ids=processor.vision_token_ids, vocab_size=processor.vocab_size)
+    sampling = SamplingParams.for_processor(processor, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                            top_p=cfg.top_p)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # rollout sampling
     shuffler = torch.Generator().manual_seed(cfg.seed + 1)  # order of samples within a rollout buffer
 

@@ -99,10 +99,8 @@ class LocalBackend:
         for index, request in enumerate(requests):
             by_settings.setdefault((request.max_tokens, request.temperature), []).append(index)
         for (max_tokens, temperature), indices in by_settings.items():
-            params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature or 1.0,
-                                    greedy=temperature == 0, stop_token_ids=self.processor.stop_token_ids,
-                                    banned_token_ids=self.processor.vision_token_ids,
-                                    vocab_size=self.processor.vocab_size)
+            params = SamplingParams.for_processor(self.processor, max_new_tokens=max_tokens,
+                                                  temperature=temperature or 1.0, greedy=temperature == 0)
             for start in range(0, len(indices), self.batch_size):
                 encoded, rows = [], []
                 for index in indices[start : start + self.batch_size]:

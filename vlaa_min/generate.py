@@ -55,6 +55,12 @@ class SamplingParams:
     # and the rows past the tokenizer decode to nothing. Processor.vocab_size gives it.
     vocab_size: int = 0
 
+    @classmethod
+    def for_processor(cls, processor, **settings) -> "SamplingParams":
+        """`settings` plus what the tokenizer fixes: its stop ids, the vision placeholders (banned) and its size."""
+        return cls(stop_token_ids=processor.stop_token_ids, banned_token_ids=processor.vision_token_ids,
+                   vocab_size=processor.vocab_size, **settings)
+
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -232,7 +238,8 @@ class Engine:
         device = self.model.lm_head.weight.device
         if params.vocab_size > self.model.lm_head.weight.shape[0]:
             raise ValueError(f"Engine.generate: the tokenizer has {params.vocab_size} tokens but the model only "
-                             f"{self.model.lm_head.weight.shape[0]} embedding rows: tokenizer and checkpoint do not match")
+                             f"{self.model.lm_head.weight.shape[0]} embedding rows: tokenizer and checkpoint do not "
+                             f"match")
         if num_samples < 1:
             raise ValueError(f"Engine.generate: num_samples must be >= 1, got {num_samples}")
         if not params.greedy and (generator is None or generator.device.type != device.type):

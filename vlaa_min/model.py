@@ -228,7 +228,7 @@ class VLModel(nn.Module):
         batch, length = input_ids.shape
         if position_ids.shape != (3, batch, length):
             raise ValueError(f"position_ids must be (3, {batch}, {length}), got {tuple(position_ids.shape)}")
-        if past is not None and not isinstance(past, (PrefixKV, KVCache, GroupedKVCache)):
+        if past is not None and not isinstance(past, Past):
             raise ValueError(f"forward: past must be a PrefixKV, KVCache or GroupedKVCache, got {type(past).__name__}")
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
