@@ -49,6 +49,7 @@ from vlaa_min.grpo_loss import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    equal_reward_groups,
     group_advantages,
     loss_normaliser,
     policy_loss,
@@ -314,7 +315,7 @@ def main(cfg: GRPOConfig) -> dict:
 
         # --- advantage: normalised within each group of G
         advantages = group_advantages(reward, cfg.scale_adv_by_std).flatten()  # (N,)
-        zero_std = reward.std(dim=1) == 0  # (P,) groups that carry no signal
+        zero_std = equal_reward_groups(reward)  # (P,) groups that carry no signal
         rows = torch.arange(len(texts))
         if cfg.drop_zero_std_groups:
             rows = rows[~zero_std[rollout.prompt_index]]

@@ -7,7 +7,9 @@ import torch
 
 from vlaa_min.grpo_loss import (
     AdaptiveKLController,
+    EQUAL_REWARD_TOL,
     aggregate_tokens,
+    equal_reward_groups,
     group_advantages,
     kl_per_token,
     loss_normaliser,
@@ -23,6 +25,31 @@ def test_group_advantages_by_hand():
     assert torch.allclose(group_advantages(rewards), expected, atol=1e-6)
     # Dr. GRPO: mean-only
     assert torch.allclose(group_advantages(rewards, scale_by_std=False), rewards - rewards.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("value", [1 - math.exp(-2.0), 0.1, 1 / 3, 0.7, math.pi / 10])
+def test_equal_rewards_give_exactly_zero_advantage(value):
+    # In float32 the mean of eight copies of a non-representable value can land one rounding step off them, and
+    # (r - mean) / (std + 1e-9) then turns that noise into advantages of tens. Equal rewards must carry no signal.
+    rewards = torch.full((32, 8), value, dtype=torch.float32)
+    rewards[0] = torch.tensor([0.0, 1.0] * 4)  # one real group beside them
+    naive = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-9)
+    advantages = group_advantages(rewards)
+    assert advantages.dtype == torch.float32
+    assert (advantages[1:] == 0).all() and (group_advantages(rewards, scale_by_std=False)[1:] == 0).all()
+    assert torch.allclose(advantages[0], naive[0])
+    assert equal_reward_groups(rewards).tolist() == [False] + [True] * 31
+
+
+def test_near_ties_above_the_tolerance_keep_their_advantages():
+    gap = 10 * EQUAL_REWARD_TOL
+    rewards = torch.tensor([[0.5] * 7 + [0.5 + gap]], dtype=torch.float64)
+    expected = (rewards - rewards.mean()) / (rewards.std() + 1e-9)
+    assert not equal_reward_groups(rewards).any()
+    assert torch.allclose(group_advantages(rewards), expected)
+    assert group_advantages(rewards)[0, -1] > 2  # a lone winner's advantage: (G - 1) / sqrt(G) = 2.47 for G = 8
+    within = torch.tensor([[0.5] * 7 + [0.5 + EQUAL_REWARD_TOL / 2]])
+    assert (group_advantages(within) == 0).all()
 
 
 def test_kl_estimators_by_hand():

@@ -3,7 +3,7 @@
 For a prompt q we sample a group of G completions o_1..o_G from the policy at rollout time (pi_old) and score
 each with the mixed reward r_i. Then, per completion token t of o_i:
 
-    A_i        = (r_i - mean_j r_j) / (std_j r_j + eps)                      group_advantages (std optional)
+    A_i        = (r_i - mean_j r_j) / (std_j r_j + eps); 0 if all r_j are equal group_advantages (std optional)
     rho_{i,t}  = pi(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})   policy_loss: ratio
     L^clip_i,t = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i)    policy_loss: pg_loss
     KL_i,t     = k1: log pi - log pi_ref;  k3: exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
@@ -27,17 +27,30 @@ AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k3")
 
 
+# Rewards that differ by less than this are equal: a group of them carries no signal. Float rounding of one
+# reward (e.g. 1 - e^-2 summed eight times) leaves a std near 1e-8, which (r - mean) / (std + 1e-9) would
+# blow up into advantages of +-60; real spreads of a [0, 1] reward are far above it.
+EQUAL_REWARD_TOL = 1e-6
+
+
+def equal_reward_groups(rewards: torch.Tensor, tol: float = EQUAL_REWARD_TOL) -> torch.Tensor:
+    """(P, G) rewards -> (P,) bool: the groups whose rewards are all equal within tol (no signal)."""
+    return (rewards.amax(dim=1) - rewards.amin(dim=1)) <= tol
+
+
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-9) -> torch.Tensor:
-    """(P, G) rewards -> (P, G) advantages; a group of identical rewards gets advantage 0.
+    """(P, G) rewards -> (P, G) advantages; a group of equal rewards (`equal_reward_groups`) gets exactly 0.
 
     std is the unbiased sample std over the group (as OpenRLHF and TRL); scale_by_std=False is Dr. GRPO's
-    mean-only baseline.
+    mean-only baseline. Computed in float64, returned in the rewards' dtype.
     """
-    assert rewards.dim() == 2 and rewards.shape[1] >= 2, f"need (prompts, G>=2) rewards, got {tuple(rewards.shape)}"
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if not scale_by_std:
-        return centred
-    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"need (prompts, G>=2) rewards, got {tuple(rewards.shape)}")
+    r = rewards.double()
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    return centred.masked_fill(equal_reward_groups(r)[:, None], 0.0).to(rewards.dtype)
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:

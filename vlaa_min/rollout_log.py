@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from vlaa_min.grpo_loss import group_advantages, kl_per_token
+from vlaa_min.grpo_loss import equal_reward_groups, group_advantages, kl_per_token
 from vlaa_min.metrics import MetricsLogger
 
 
@@ -101,8 +101,9 @@ class RolloutLog:
                     "length": n, "truncated": rollout.finish_reasons[row] == "length",
                     "tokens": token_pieces(tokenizer, ids), "logp": _rounded(old_logp[row, :n], 3),
                     "ratio": _rounded(ratio[row, :n], 4), "kl": _rounded(kl[row, :n], 5)})
-            rewards = [c["reward"] for c in completions]
-            groups.append({**_prompt(records[p], no_signal=max(rewards) == min(rewards)),
+            group_rewards = [scored[row]["reward"] for row in range(p * group_size, (p + 1) * group_size)]
+            no_signal = bool(equal_reward_groups(torch.tensor([group_rewards]))[0])
+            groups.append({**_prompt(records[p], no_signal=no_signal),
                            "completions": completions})
         entry = {"step": step, "kind": "train", "kl_to": "reference" if ref_logp is not None else "rollout policy",
                  "groups": groups}
@@ -129,7 +130,7 @@ class RolloutLog:
             for completion, advantage in zip(completions, advantages):
                 if advantage is not None:
                     completion["advantage"] = round(advantage, 4)
-            no_signal = samples > 1 and bool(rewards.max() == rewards.min())
+            no_signal = samples > 1 and bool(equal_reward_groups(rewards[None])[0])
             groups.append({**_prompt(records[p], no_signal=no_signal), "completions": completions})
         entry = {"step": step, "kind": kind, "groups": groups}
         self.file.log(entry)
