@@ -74,7 +74,7 @@ def main(cfg: ControlConfig) -> dict:
     records = records[: grpo_cfg.eval_size] if grpo_cfg.eval_size else records
     device = resolve_device(grpo_cfg.device)
     model = VLModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
-    summary = train_grpo.evaluate_split(model, Processor.from_pretrained(model_dir), None, records, grpo_cfg,
+    summary, _ = train_grpo.evaluate_split(model, Processor.from_pretrained(model_dir), None, records, grpo_cfg,
                                         train_grpo.reward_config(grpo_cfg), resolve_dtype(grpo_cfg.precision, device))
     rows = {"base": history["before"], f"+ GRPO ({grpo_cfg.steps} steps)": history["after"],
             f"+ SFT on its own data, as long ({steps} steps)": summary}

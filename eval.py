@@ -3,7 +3,9 @@
 The answer extraction and reward rules are exactly the training ones (rewards.py): the single <answer> block is the
 answer, anything else scores 0 ("format"). Per reward type we report accuracy (reward == 1; for iou: IoU >= 0.5, the
 usual detection threshold) and the mean reward (for iou: the mean IoU), plus the share of format failures, the mean
-response length in tokens and the paper's "aha" word counts (substring match, lower-cased).
+response length in tokens, the paper's "aha" word counts (substring match, lower-cased), and reasoning: a response
+"reasons" when its <think> block takes two or more steps (sentences); the summary gives the share that reason,
+the accuracy of reasoned and of direct responses, and on toy records whether the steps give the answer.
 
 With --samples k > 1 (temperature sampling) it also reports pass@k with the unbiased estimator of Chen et al.
 (2021): pass@k = 1 - C(n - c, k) / C(n, k) per question (n samples, c correct), averaged, and mean@k (the mean
@@ -20,6 +22,7 @@ with the training reward rules (no fallback: a missing answer block is wrong, as
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +30,7 @@ from tqdm import tqdm
 
 import data
 import rewards
+import toyworld
 from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.model import VLModel
@@ -68,6 +72,21 @@ def aha_count(text: str) -> int:
     return sum(lowered.count(word) for word in data.AHA_WORDS)
 
 
+_THINK = re.compile(r"<think>(.*?)</think>", re.IGNORECASE | re.DOTALL)
+_STEP_END = re.compile(r"[.!?](?:\s+|$)")  # a sentence ends at . ! or ? before a space or the end
+
+
+def reasoning_steps(text: str) -> int:
+    """The sentences in the response's first <think> block: 0 or 1 is a direct answer, 2 or more is reasoning."""
+    think = _THINK.search(text)
+    return len(_STEP_END.findall(think.group(1).strip() + " ")) if think else 0
+
+
+def reasons(text: str) -> bool:
+    """Whether a response reasons before it answers: its <think> block takes two or more steps."""
+    return reasoning_steps(text) >= 2
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
     if k > n:
@@ -82,16 +101,26 @@ def summarize(records: list[dict], rows: list[dict], samples: int = 1) -> dict:
     by_type: dict[str, dict] = {}
     for index, record in enumerate(records):
         scored = rows[index * samples : (index + 1) * samples]
-        row = by_type.setdefault(record["verifier_type"], {"n": 0, "correct": 0.0, "reward": 0.0, "pass": 0.0})
+        row = by_type.setdefault(record["verifier_type"], {"n": 0, "correct": 0.0, "reward": 0.0, "pass": 0.0,
+                                                            "reasons": 0.0, "length": 0.0})
         correct = sum(r["correct"] for r in scored)
         row["n"] += 1
         row["correct"] += correct / samples
         row["reward"] += sum(r["reward"] for r in scored) / samples
         row["pass"] += pass_at_k(samples, correct, samples)
+        row["reasons"] += sum(reasons(r["response"]) for r in scored) / samples
+        row["length"] += sum(r["length"] for r in scored) / samples
     per_type = {t: {"n": row["n"], "accuracy": row["correct"] / row["n"], "mean_reward": row["reward"] / row["n"],
-                    f"pass@{samples}": row["pass"] / row["n"]} for t, row in sorted(by_type.items())}
+                    f"pass@{samples}": row["pass"] / row["n"], "reasoning_share": row["reasons"] / row["n"],
+                    "mean_length": row["length"] / row["n"]} for t, row in sorted(by_type.items())}
     total = sum(row["n"] for row in by_type.values())
     texts = [r["response"] for r in rows]
+    reasoned = [r for r in rows if reasons(r["response"])]
+    direct = [r for r in rows if not reasons(r["response"])]
+    # Toy records only: of the reasoned responses whose steps can be checked, the share whose answer they give.
+    agree = [toyworld.steps_agree(row["response"], records[i // samples]) for i, row in enumerate(rows)
+             if reasons(row["response"]) and records[i // samples].get("meta", {}).get("source") == "toyworld"]
+    agree = [a for a in agree if a is not None]
     return {
         "n": total,
         "samples_per_question": samples,
@@ -102,6 +131,11 @@ def summarize(records: list[dict], rows: list[dict], samples: int = 1) -> dict:
         "mean_length": sum(r["length"] for r in rows) / max(len(rows), 1),
         "aha_per_response": sum(aha_count(t) for t in texts) / max(len(texts), 1),
         "aha_share": sum(aha_count(t) > 0 for t in texts) / max(len(texts), 1),
+        "reasoning_share": len(reasoned) / max(len(rows), 1),
+        # Accuracy of the reasoned and of the direct responses (None when there are none of that kind).
+        "accuracy_reasoned": sum(r["correct"] for r in reasoned) / len(reasoned) if reasoned else None,
+        "accuracy_direct": sum(r["correct"] for r in direct) / len(direct) if direct else None,
+        "steps_agree": sum(agree) / len(agree) if agree else None,
     }
 
 
@@ -139,15 +173,33 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
     return summarize(records, rows, samples), rows
 
 
+def before_and_after(records: list[dict], before: list[dict], after: list[dict]) -> str:
+    """One held-out question answered before and after training, picked to show the change: wrong and direct
+    before, right and reasoned after (else any wrong -> right pair); greedy rows of `evaluate`, one per record."""
+    pairs = [(r, b, a) for r, b, a in zip(records, before, after) if not b["correct"] and a["correct"]]
+    if not pairs:
+        return "no held-out question went from wrong to right"
+    record, b, a = next((p for p in pairs if not reasons(p[1]["response"]) and reasons(p[2]["response"])), pairs[0])
+    return (f"one held-out question, before and after:\n  [{record['verifier_type']}] "
+            f"{record['question'].splitlines()[0]}   (reference: {record['gt']})\n"
+            f"  before: {b['response']}\n  after:  {a['response']}")
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def markdown_table(summaries: dict[str, dict]) -> str:
-    """One row per evaluated model: overall and per-type accuracy, format failures, length, aha words."""
+    """One row per evaluated model: overall and per-type accuracy, format failures, length, the share of responses
+    that reason, the share of checkable reasoned responses whose steps give their answer, aha words."""
     types = sorted({t for s in summaries.values() for t in s["per_type"]})
-    header = ["model", "overall"] + types + ["format fail", "mean length", "aha / response"]
+    header = ["model", "overall"] + types + ["format fail", "mean length", "reasons", "steps agree", "aha / response"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in summaries.items():
         cells = [name, f"{100 * s['accuracy']:.1f}"]
         cells += [f"{100 * s['per_type'][t]['accuracy']:.1f}" if t in s["per_type"] else "-" for t in types]
-        cells += [f"{100 * s['format_failure']:.1f}%", f"{s['mean_length']:.0f}", f"{s['aha_per_response']:.2f}"]
+        cells += [f"{100 * s['format_failure']:.1f}%", f"{s['mean_length']:.0f}",
+                  _percent(s.get("reasoning_share")), _percent(s.get("steps_agree")), f"{s['aha_per_response']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ Runs, all from the same toy "instruct" base (`make base`), SFT with the "toy-sft
 the "toy" one (vlaa_min/presets.py):
     base                  the starting point (evaluated only)
     sft-clean             SFT on clean reasoning traces, one for every record (oracle traces)
-    sft-verified          SFT on the clean traces the paper's pipeline would keep from the flawed teacher (step 5)
+    sft-verified          SFT on the clean traces the paper's pipeline would keep from the sloppy teacher (step 5)
     sft-pseudo            SFT on hesitant "pseudo reasoning" traces (R1's imitated hesitations)
     grpo                  GRPO from the base                     (the paper: best)
     sft-clean+grpo        GRPO after clean SFT

@@ -1,4 +1,4 @@
-"""The offline toy world: drawn shape scenes, questions of all five reward types, and a flawed teacher.
+"""The offline toy world: drawn shape scenes, questions of all five reward types, and two teachers.
 
 The embedded default data set (no downloads, deterministic from a seed) in the VLAA-Thinking record format, read
 through the same data.py path as the real data set; ToySceneScorer is the S of its open-ended reward.
@@ -9,20 +9,23 @@ plus blue shapes; describe the image (gt minimal on purpose: "There are 3 shapes
 the colour of the circle (options always A. red B. green C. blue D. yellow); the box of the blue circle.
 
 Three targets per record, one for each training stage we imitate:
-  meta["direct_answer"]  the flawed teacher's short answer; it trains the toy "instruct" base. For a share
-                         teacher_error_rate (0.7) of the records the teacher counts every shape twice, so its
-                         counts, sums and descriptions are wrong (meta["teacher_wrong"]). The base learns the error
-                         as its likeliest answer and the truth as a runner-up: what a verifiable reward can select.
-  "answer"               a clean trace, right by construction (the paper's step 5 keeps traces whose answer
-                         matches gt): the counts it needs, colour by colour, then the answer.
+  meta["direct_answer"]  the sloppy teacher's one-step answer. For a share teacher_error_rate (0.7) of the records
+                         it counts every shape twice, so its counts, sums and descriptions are wrong
+                         (meta["teacher_wrong"]).
+  "answer"               the careful teacher's trace, right by construction (the paper's step 5 keeps traces whose
+                         answer matches gt): every colour's count, then the answer that follows from them.
   meta["pseudo_answer"]  "pseudo reasoning": a hesitant opener, the clean steps, a detour ("Wait, let me
                          double-check"); with probability pseudo_flip_rate (0.3), a coin independent of the image,
                          the detour revises the answer into a near miss (meta["pseudo_flipped"]).
 
-Files (build_world): images/, base.json (direct answers), sft.json (clean traces), sft_pseudo.json (pseudo
-traces), sft_verified.json (the clean traces of the records whose teacher answer is right: what the paper's step 5
-keeps when this teacher distills), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no (scene,
-question) pair. Build it with: python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--base-size N]
+The toy "instruct" base imitates both teachers, as real instruct models have two habits: base.json answers a share
+careful_share (0.25) of its records with the careful trace (meta["careful"]), the rest directly. Its greedy answer
+is the sloppy one; its samples sometimes reason, and reasoning is right more often: what a verifiable reward selects.
+
+Files (build_world): images/, base.json (both teachers), sft.json (clean traces), sft_pseudo.json (pseudo traces),
+sft_verified.json (the clean traces of the records whose sloppy answer is right: what the paper's step 5 keeps when
+that teacher distills), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no
+(scene, question) pair. Build: python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--careful-share 0.25]
 """
 
 import json
@@ -37,7 +40,7 @@ from PIL import Image, ImageDraw
 from vlaa_min.cli import parse_config, print_config
 from vlaa_min.reward_types import NUMBER_WORDS, SampleError, record_meta
 
-VERSION = 2
+VERSION = 3
 IMAGE_SIZE = 112
 GRID = 4
 CELL = IMAGE_SIZE // GRID  # 28 px: one 2x2 merge block of 14-px patches
@@ -205,7 +208,7 @@ def join_words(items: list[str]) -> str:
 
 
 def color_counts(objects: list[ToyObject], overcount: bool = False) -> dict[str, int]:
-    """Shapes per colour; overcount=True is the flawed teacher's view, which counts every shape twice."""
+    """Shapes per colour; overcount=True is the sloppy teacher's view, which counts every shape twice."""
     counts = {color: sum(o.color == color for o in objects) for color in COLORS}
     return {color: 2 * n if overcount else n for color, n in counts.items()}
 
@@ -216,15 +219,19 @@ def description(counts: dict[str, int]) -> str:
     return f"{there_are(sum(counts.values()), 'shape')}: {join_words(present)}."
 
 
+COUNT_PLAN = "Let me count the shapes of each colour."  # the careful teacher's first step on counting questions
+
+
 def tally(counts: dict[str, int], colors) -> str:
-    """The clean trace's counting step: "red: 2. blue: 1." (the colour word right before its count)."""
+    """The careful trace's counting steps: "red: 2. blue: 1." Every later step names a colour right before its
+    count again ("So red: 2."), so that reading a count back is copying what followed the same words."""
     return " ".join(f"{color}: {counts[color]}." for color in colors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Questions. Each builder returns None when the scene cannot support it, else a dict with the question, gt, the
 # clean reasoning steps, the teacher's direct (thought, answer), and a near-miss wrong (claim, answer) for the pseudo
-# trace's flip. `teacher` is the flawed teacher's colour counts (equal to the true ones when it is right).
+# trace's flip. `teacher` is the sloppy teacher's colour counts (equal to the true ones when it is right).
 
 
 def count_question(objects, counts, teacher, rng):
@@ -234,7 +241,7 @@ def count_question(objects, counts, teacher, rng):
     wrong = n + 1 if n == 0 or rng.random() < 0.5 else n - 1
     return {
         "template": "count_color", "question": f"How many {color} shapes are there?", "gt": str(n),
-        "steps": [tally(counts, [color]), f"So there {'is' if n == 1 else 'are'} {plural(n, color + ' shape')}."],
+        "steps": [COUNT_PLAN, tally(counts, COLORS), f"So {color}: {n}."],
         "direct": (f"I see {plural(said, color + ' shape')}.", str(said)),
         "claim": f"{color}: {n}", "wrong_claim": f"{color}: {wrong}", "wrong": str(wrong),
     }
@@ -248,7 +255,7 @@ def sum_question(objects, counts, teacher, rng):
     return {
         "template": "math_sum",
         "question": f"What is the number of {first} shapes plus the number of {second} shapes?", "gt": str(a + b),
-        "steps": [tally(counts, [first, second]), f"{a} + {b} = {a + b}."],
+        "steps": [COUNT_PLAN, tally(counts, COLORS), f"So {first}: {a} plus {second}: {b} is {a + b}."],
         "direct": (f"{teacher[first]} plus {teacher[second]} is {said}.", str(said)),
         "claim": f"{a} + {b} = {a + b}", "wrong_claim": f"{a} + {b} = {wrong}", "wrong": str(wrong),
     }
@@ -262,7 +269,7 @@ def open_question(objects, counts, teacher, rng):
         "template": "open_describe", "question": "Describe the image.", "gt": f"{there_are(total, 'shape')}.",
         # Unlike the other types, the taught answers are not the (minimal) gt but a description that beats it.
         "answer": full,
-        "steps": [tally(counts, COLORS), f"That makes {plural(total, 'shape')}."],
+        "steps": [COUNT_PLAN, tally(counts, COLORS), f"That makes {plural(total, 'shape')}."],
         "direct": ("I look at each colour.", description(teacher)),
         "claim": f"that makes {plural(total, 'shape')}", "wrong_claim": f"that makes {plural(wrong_total, 'shape')}",
         "wrong": full.replace(there_are(total, "shape"), there_are(wrong_total, "shape"), 1),
@@ -312,6 +319,37 @@ BUILDERS = {"digit": count_question, "math": sum_question, "open": open_question
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Do a response's steps produce its answer? (the honesty check of reasoning: eval.py reports it on toy records)
+
+TALLY = re.compile(r"\b(" + "|".join(COLORS) + r"): (\d+)\.")
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def steps_agree(response: str, record: dict) -> bool | None:
+    """Whether the answer is what the response's own steps give, whatever the truth: the count or sum of its
+    tally, the description of its tally, the option or box its last step names. None when the response has no
+    steps to check (a direct answer, or a tally missing a colour the question needs)."""
+    think, answer = _THINK_BLOCK.search(response), _ANSWER_BLOCK.search(response)
+    if think is None or answer is None:
+        return None
+    think, answer = think.group(1), answer.group(1).strip()
+    tally = {color: int(n) for color, n in TALLY.findall(think)}
+    template, question = record.get("meta", {}).get("template"), record["question"]
+    needed = [color for color in COLORS if re.search(rf"\b{color} shapes\b", question)]
+    if template in ("count_color", "math_sum"):
+        if not needed or any(color not in tally for color in needed):
+            return None
+        return answer == str(sum(tally[color] for color in needed))
+    if template == "open_describe":
+        if set(tally) != set(COLORS):
+            return None
+        return answer == description(tally)
+    named = re.findall(r"option ([A-D])\b" if template == "mcq_color" else r"box is (\[[^\]]*\])", think)
+    return answer == named[-1] if named else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The three targets
 
 OPENERS = ("Okay, let me think about this.", "Hmm, let me see.", "Alright, let me work through this.")
@@ -346,13 +384,14 @@ def make_targets(spec: dict, flip: bool, rng: random.Random) -> tuple[str, str, 
 
 def generate_split(
     n: int, seed: int, image_dir: str, prefix: str, *, teacher_error_rate: float = 0.7,
-    pseudo_flip_rate: float = 0.3, exclude: set | None = None,
+    careful_share: float = 0.25, pseudo_flip_rate: float = 0.3, exclude: set | None = None,
 ) -> list[dict]:
     """n records (record i is of type TYPE_CYCLE[i % 20]); writes image_dir/<prefix>_<i>.png.
 
     exclude: (scene, question) keys already used elsewhere; this split avoids them and adds its own.
     """
-    for name, rate in (("teacher_error_rate", teacher_error_rate), ("pseudo_flip_rate", pseudo_flip_rate)):
+    for name, rate in (("teacher_error_rate", teacher_error_rate), ("careful_share", careful_share),
+                       ("pseudo_flip_rate", pseudo_flip_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {rate}")
     os.makedirs(image_dir, exist_ok=True)
@@ -365,6 +404,7 @@ def generate_split(
         target_count = str(rng.randrange(5)) if kind == "digit" else None
         # The rates get their own generator, so that changing one moves no scene, question or other target.
         double_counts = random.Random(f"{seed}:{index}:teacher").random() < teacher_error_rate
+        careful = random.Random(f"{seed}:{index}:careful").random() < careful_share
         while True:  # resample until the scene supports the question (and count) and the pair is new
             objects = sample_scene(rng)
             counts = color_counts(objects)
@@ -385,7 +425,8 @@ def generate_split(
             "meta": {
                 "source": "toyworld", "template": spec["template"], "scene": scene_graph(objects),
                 "scene_key": scene_key(objects), "direct_answer": direct, "pseudo_answer": pseudo,
-                "teacher_wrong": spec["direct"][1] != spec.get("answer", spec["gt"]), "pseudo_flipped": flip,
+                "teacher_wrong": spec["direct"][1] != spec.get("answer", spec["gt"]), "careful": careful,
+                "pseudo_flipped": flip,
             },
         })
     return records
@@ -415,7 +456,7 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teacher_error_rate: float = 0.7,
-                pseudo_flip_rate: float = 0.3) -> dict:
+                careful_share: float = 0.25, pseudo_flip_rate: float = 0.3) -> dict:
     """Write the toy world under out_dir (see the module docstring); returns the manifest."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     unknown = set(sizes) - set(SPLITS)
@@ -428,7 +469,8 @@ def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teach
     used: set = set()
     splits = {
         split: generate_split(sizes[split], split_seed(seed, split), image_dir, split,
-                              teacher_error_rate=teacher_error_rate, pseudo_flip_rate=pseudo_flip_rate, exclude=used)
+                              teacher_error_rate=teacher_error_rate, careful_share=careful_share,
+                              pseudo_flip_rate=pseudo_flip_rate, exclude=used)
         for split in SPLITS
     }
     check_disjoint(splits)
@@ -438,7 +480,7 @@ def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teach
                 for r in records]
 
     files = {
-        "base.json": with_answer(splits["base"], "direct_answer"),
+        "base.json": [r if r["meta"]["careful"] else with_answer([r], "direct_answer")[0] for r in splits["base"]],
         "sft.json": splits["sft"],
         "sft_pseudo.json": with_answer(splits["sft"], "pseudo_answer"),
         "sft_verified.json": [r for r in splits["sft"] if not r["meta"]["teacher_wrong"]],
@@ -450,7 +492,7 @@ def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teach
     manifest = {
         "version": VERSION, "seed": seed, "sizes": sizes,
         "split_seeds": {split: split_seed(seed, split) for split in SPLITS},
-        "teacher_error_rate": teacher_error_rate, "pseudo_flip_rate": pseudo_flip_rate,
+        "teacher_error_rate": teacher_error_rate, "careful_share": careful_share, "pseudo_flip_rate": pseudo_flip_rate,
         "image_size": IMAGE_SIZE, "images_root": "images",
         "files": {name: len(records) for name, records in files.items()},
     }
@@ -464,6 +506,8 @@ class WorldConfig:
     seed: int = field(default=0, metadata={"help": "world seed; each split derives its own seed from it"})
     teacher_error_rate: float = field(default=0.7, metadata={"help": "share of records whose direct answer comes "
                                                                     "from the double-counting teacher"})
+    careful_share: float = field(default=0.25, metadata={"help": "share of base records answered by the careful "
+                                                               "teacher: a colour-by-colour trace, always right"})
     pseudo_flip_rate: float = field(default=0.3,
                                     metadata={"help": "share of pseudo traces that flip to a wrong answer"})
     base_size: int = field(default=DEFAULT_SIZES["base"], metadata={"help": "records in base.json"})
@@ -478,7 +522,8 @@ if __name__ == "__main__":
     start = time.perf_counter()
     manifest = build_world(
         config.out, {split: getattr(config, f"{split}_size") for split in SPLITS}, config.seed,
-        teacher_error_rate=config.teacher_error_rate, pseudo_flip_rate=config.pseudo_flip_rate,
+        teacher_error_rate=config.teacher_error_rate, careful_share=config.careful_share,
+        pseudo_flip_rate=config.pseudo_flip_rate,
     )
     for name, count in manifest["files"].items():
         print(f"wrote {os.path.join(config.out, name)}: {count} records")

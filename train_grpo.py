@@ -84,7 +84,7 @@ class GRPOConfig:
     group_size: int = field(default=8, metadata={"help": "G, samples per prompt (paper: 4)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature; log-probs use it too"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off; off keeps ratios exact)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "completion budget (paper: 1024)"})
+    max_new_tokens: int = field(default=96, metadata={"help": "completion budget (paper: 1024)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are an error"})
     max_pixels: int = field(default=0, metadata={"help": "cap on an image's resized area (0 = the model's "
                                                          "preprocessor_config.json); 28*28*N: at most N image tokens"})
@@ -187,7 +187,7 @@ def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precisio
     rows = [row for rank_rows in distributed.all_gather_objects(rows) for row in rank_rows]
     if rollout_log is not None:
         rollout_log.log_answers(step, records, rows)
-    return evaluation.summarize(records, rows)
+    return evaluation.summarize(records, rows), rows
 
 
 def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
@@ -284,10 +284,15 @@ def main(cfg: GRPOConfig) -> dict:
             "shuffler": shuffler.get_state(), "history": history, "settings": settings},
             per_rank={"generator": generator.get_state()})
 
+    before_rows = None
     if eval_records and "before" not in history:
-        history["before"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
-                                           rollout_log, step=0)
+        history["before"], before_rows = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg,
+                                                        precision, rollout_log, step=0)
         print("held-out before GRPO:\n" + evaluation.markdown_table({"before": history["before"]}))
+        # The viewer's probes: held-out questions answered wrong before training, sampled again at each logged step.
+        history["probe_ids"] = [row["id"] for row in before_rows if not row["correct"]][: cfg.rollout_groups_per_log]
+    by_id = {record.get("id"): record for record in eval_records}
+    probes = [by_id[i] for i in history.get("probe_ids", [])] or records[: cfg.rollout_groups_per_log]
 
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="grpo",
                     dynamic_ncols=True, disable=not distributed.is_main())
@@ -309,6 +314,8 @@ def main(cfg: GRPOConfig) -> dict:
         texts = [processor.decode(rollout.completion_ids[i, : int(n)].tolist()) for i, n in enumerate(lengths)]
         samples = [batch_records[int(p)] for p in rollout.prompt_index]
         scored = rewards.compute_rewards(texts, samples, config=rewards_cfg)
+        for result, text in zip(scored, texts):
+            result["reasons"] = evaluation.reasons(text)  # for the log: does this completion reason first?
         reward = torch.tensor([s["reward"] for s in scored]).view(len(batch_records), cfg.group_size)  # (P, G)
         check_finite(step + 1, cfg.out, reward=reward.sum().item())
         t2 = time.perf_counter()
@@ -378,7 +385,6 @@ def main(cfg: GRPOConfig) -> dict:
                 return score_completions(policy, processor, encoded, subset, rollout, cfg, device, precision)[0]
             rollout_log.log_rollout(step + 1, batch_records, rollout, texts, scored, advantages, ref_logp,
                                     processor.tokenizer, updated_logp, kl_estimator=cfg.kl_estimator)
-            probes = records[: cfg.rollout_groups_per_log]  # the same prompts at every logged step
             with distributed.gathered(policy):  # [distributed] one all-gather for the probes' generation
                 _, probe_rows = evaluation.evaluate(
                     policy, processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,
@@ -404,6 +410,7 @@ def main(cfg: GRPOConfig) -> dict:
             "format_failure": sum(s["reason"] == "format" for s in scored) / len(scored),
             "frac_reward_zero_std": zero_std.float().mean().item(),
             "completion_length": lengths.float().mean().item(),
+            "reasoning_share": sum(s["reasons"] for s in scored) / len(scored),
             "completion_length_max": int(lengths.max()),
             "truncated": sum(r == "length" for r in rollout.finish_reasons) / len(scored),
             "loss": sums["loss"] / max(sums["updates"], 1),
@@ -419,9 +426,11 @@ def main(cfg: GRPOConfig) -> dict:
             "gen_tokens_per_s": generated / (t1 - t0),
         }
         for rtype in sorted({s["type"] for s in scored}):
-            of_type = [s for s in scored if s["type"] == rtype]
-            row[f"reward/{rtype}"] = sum(s["reward"] for s in of_type) / len(of_type)
-            row[f"accuracy/{rtype}"] = sum(s["correct"] for s in of_type) / len(of_type)
+            of_type = [i for i, s in enumerate(scored) if s["type"] == rtype]
+            row[f"reward/{rtype}"] = sum(scored[i]["reward"] for i in of_type) / len(of_type)
+            row[f"accuracy/{rtype}"] = sum(scored[i]["correct"] for i in of_type) / len(of_type)
+            row[f"reasoning_share/{rtype}"] = sum(scored[i]["reasons"] for i in of_type) / len(of_type)
+            row[f"completion_length/{rtype}"] = sum(float(lengths[i]) for i in of_type) / len(of_type)
         progress.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
                              len=f"{row['completion_length']:.0f}", kl=f"{mean_kl:.4f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
@@ -434,7 +443,7 @@ def main(cfg: GRPOConfig) -> dict:
 
         # --- eval / save
         if eval_records and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            summary = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
+            summary, _ = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
                                      rollout_log, step=step + 1)
             row["eval_accuracy"] = summary["accuracy"]
             row.update({f"eval_accuracy/{t}": v["accuracy"] for t, v in summary["per_type"].items()})
@@ -444,8 +453,8 @@ def main(cfg: GRPOConfig) -> dict:
 
     # --- the end: final eval, checkpoint, model directory, plot
     if eval_records:
-        history["after"] = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
-                                          rollout_log, step=cfg.steps)
+        history["after"], after_rows = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg,
+                                                      precision, rollout_log, step=cfg.steps)
         table = evaluation.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
         if distributed.is_main():  # [distributed] rank 0 writes the files
             with open(os.path.join(cfg.out, "eval.md"), "w") as f:
@@ -453,12 +462,15 @@ def main(cfg: GRPOConfig) -> dict:
             with open(os.path.join(cfg.out, "eval.json"), "w") as f:  # the summaries, for control.py, experiment.py
                 json.dump(history, f, indent=1)
         print("held-out accuracy (%), greedy:\n" + table)
+        if before_rows is not None:
+            print(evaluation.before_and_after(eval_records, before_rows, after_rows))
     save(cfg.steps)
     final_dir = os.path.join(cfg.out, "model")
     save_model(final_dir, policy, processor)
     png = distributed.is_main() and plot_curves(  # [distributed] rank 0 plots
         {os.path.basename(os.path.normpath(cfg.out)): os.path.join(cfg.out, "metrics.jsonl")},
-        ["reward", "accuracy", "completion_length", "kl"], os.path.join(cfg.out, "curves.png"), title="GRPO")
+        ["reward", "accuracy", "reasoning_share", "completion_length", "reasoning_share/*", "completion_length/*"],
+        os.path.join(cfg.out, "curves.png"), title="GRPO")
     release_lock(lock)
     print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png or 'none'}  model: {final_dir}")
     return history

@@ -75,3 +75,44 @@ def test_pass_at_k_by_hand():
 
 def test_aha_words_are_counted_as_substrings():
     assert evaluation.aha_count("Wait, let me double-check. Hmm, check again.") == 6  # check twice (in double-check)
+
+
+def test_a_response_reasons_when_its_think_block_takes_two_steps():
+    assert evaluation.reasoning_steps("<think>I see 2 red shapes.</think> <answer>2</answer>") == 1
+    assert evaluation.reasoning_steps("<think>red: 1. blue: 2. That makes 3 shapes.</think> <answer>3</answer>") == 3
+    assert evaluation.reasoning_steps("<think>The box is [0.25, 0.50, 0.75, 1.00].</think>") == 1  # no step in 0.25
+    assert evaluation.reasoning_steps("<answer>2</answer>") == 0
+    assert not evaluation.reasons("<think>I see 2 red shapes.</think>")
+    assert evaluation.reasons("<think>Red: 2. So 2! </think>")
+
+
+def _row(response: str, correct: bool, kind: str = "digit") -> dict:
+    return {"response": response, "correct": correct, "reward": float(correct), "reason": "ok", "length": 10,
+            "type": kind}
+
+
+def test_summary_splits_accuracy_by_reasoned_and_direct_and_checks_toy_steps():
+    question = "How many red shapes are there?"
+    records = [{"verifier_type": "digit", "question": question, "gt": "2",
+                "meta": {"source": "toyworld", "template": "count_color"}}] * 4
+    trace = "red: 2. green: 0. blue: 1. yellow: 0. So there are 2 red shapes."
+    rows = [_row(f"<think>{trace}</think> <answer>2</answer>", True),
+            _row(f"<think>{trace}</think> <answer>3</answer>", False),  # its own steps say 2
+            _row("<think>I see 2 red shapes.</think> <answer>2</answer>", True),
+            _row("<think>I see 4 red shapes.</think> <answer>4</answer>", False)]
+    summary = evaluation.summarize(records, rows)
+    assert summary["reasoning_share"] == 0.5 and summary["per_type"]["digit"]["reasoning_share"] == 0.5
+    assert summary["accuracy_reasoned"] == 0.5 and summary["accuracy_direct"] == 0.5
+    assert summary["steps_agree"] == 0.5
+    assert "| reasons |" in evaluation.markdown_table({"m": summary}) and "| 50% |" in \
+        evaluation.markdown_table({"m": summary})
+
+
+def test_before_and_after_prefers_a_direct_miss_turned_reasoned_hit():
+    records = [{"verifier_type": "digit", "question": f"q{i}", "gt": "2"} for i in range(3)]
+    before = [_row("<think>I see 4.</think> <answer>4</answer>", False)] * 3
+    after = [_row("<think>I see 2.</think> <answer>2</answer>", True),
+             _row("<think>red: 2. So 2.</think> <answer>2</answer>", True), before[2]]
+    text = evaluation.before_and_after(records, before, after)
+    assert "q1" in text and "red: 2. So 2." in text
+    assert "no held-out question" in evaluation.before_and_after(records, before, before)

@@ -160,7 +160,10 @@ def test_types_follow_the_weighted_cycle_and_fields_are_complete(world):
 
 def test_targets_per_file(world):
     files = world["files"]
-    assert [r["answer"] for r in files["base.json"]] == [r["meta"]["direct_answer"] for r in files["base.json"]]
+    # The base: the careful teacher's clean trace where it answered, else the sloppy teacher's direct answer.
+    assert [r["answer"] for r in files["base.json"]] == [
+        clean_answer(r) if r["meta"]["careful"] else r["meta"]["direct_answer"] for r in files["base.json"]]
+    assert all("clean_answer" not in r["meta"] for r in files["base.json"] if r["meta"]["careful"])
     assert [r["answer"] for r in files["sft_pseudo.json"]] == [r["meta"]["pseudo_answer"] for r in files["sft.json"]]
     assert [r["meta"]["clean_answer"] for r in files["sft_pseudo.json"]] == [r["answer"] for r in files["sft.json"]]
     assert all("clean_answer" not in r["meta"] for name in ("sft.json", "rl.json", "test.json") for r in files[name])
@@ -302,6 +305,37 @@ def test_manifest(world):
     assert manifest["sizes"] == SMALL_SIZES and manifest["seed"] == 3
     assert manifest["files"] == {name: len(world["files"][name]) for name in FILES}
     assert manifest["version"] == toyworld.VERSION
+
+
+def test_the_careful_teacher_answers_its_share_of_the_base(tmp_path):
+    manifest = toyworld.build_world(str(tmp_path), {"base": 400, "sft": 4, "rl": 4, "test": 4}, seed=5,
+                                    careful_share=0.25)
+    base = json.loads((tmp_path / "base.json").read_text())
+    share = sum(r["meta"]["careful"] for r in base) / len(base)
+    assert abs(share - 0.25) < 3 * math.sqrt(0.25 * 0.75 / len(base)), share
+    assert manifest["careful_share"] == 0.25
+    with pytest.raises(ValueError, match="careful_share"):
+        toyworld.generate_split(1, seed=0, image_dir=str(tmp_path), prefix="x", careful_share=1.5)
+
+
+def test_the_steps_of_every_trace_give_its_answer(world):
+    """The careful teacher's steps produce its answer; a direct answer has no steps to check; a pseudo trace that
+    revises a sum into a near miss disagrees with its own tally."""
+    for record in all_records(world):
+        assert toyworld.steps_agree(clean_answer(record), record) is True, clean_answer(record)
+        assert toyworld.steps_agree(record["meta"]["direct_answer"], record) is None, record["meta"]["direct_answer"]
+        if record["meta"]["pseudo_flipped"] and record["meta"]["template"] == "math_sum":
+            assert toyworld.steps_agree(record["meta"]["pseudo_answer"], record) is False
+
+
+def test_steps_agree_reads_the_tally_not_the_truth():
+    record = {"question": "What is the number of red shapes plus the number of blue shapes?",
+              "meta": {"template": "math_sum"}}
+    tally = "red: 3. green: 0. blue: 1. yellow: 0. So red: 3 plus blue: 1 is 4."
+    assert toyworld.steps_agree(f"<think>{tally}</think> <answer>4</answer>", record) is True
+    assert toyworld.steps_agree(f"<think>{tally}</think> <answer>5</answer>", record) is False
+    assert toyworld.steps_agree("<think>red: 3. green: 0.</think> <answer>3</answer>", record) is None  # no blue
+    assert toyworld.steps_agree("<answer>4</answer>", record) is None
 
 
 @pytest.mark.parametrize("knob, target, flag", [("teacher_error_rate", "direct_answer", "teacher_wrong"),

@@ -149,9 +149,9 @@ def test_sft_overfits_eight_samples(world, tmp_path):
 
 
 def test_the_toy_recipe_learns(tmp_path):
-    """`make grpo` scaled down: a small toy world, a short base on the flawed teacher's answers, then GRPO with
-    the default settings at half the prompts per step. The training reward must rise and held-out accuracy must
-    move past its noise."""
+    """`make grpo` scaled down: a small toy world, a short base on the two teachers' answers, then GRPO with the
+    default settings at half the prompts per step. The training reward and the share of responses that reason
+    must rise, and held-out accuracy must move past its noise."""
     toyworld.build_world(str(tmp_path / "toy"), {"base": 2000, "sft": 4, "rl": 600, "test": 300}, seed=0)
     build_toy_checkpoint(str(tmp_path / "init"), str(tmp_path / "toy"))
     images = str(tmp_path / "toy" / "images")
@@ -163,12 +163,16 @@ def test_the_toy_recipe_learns(tmp_path):
         model=base, data=str(tmp_path / "toy" / "rl.json"), images=images,
         eval_data=str(tmp_path / "toy" / "test.json"), eval_size=300, out=str(tmp_path / "grpo"), steps=40,
         prompts_per_step=16, train_batch_size=16, micro_batch_size=16, save_every=0, sample_every=0, device="cpu"))
-    rewards = [json.loads(line)["reward"] for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
     before, after = history["before"]["accuracy"], history["after"]["accuracy"]
-    # Two accuracies on n questions differ by noise alone with a standard error of at most sqrt(2 * 0.25 / n);
-    # the gain must be more than two of them.
+    # Two shares of n items differ by noise alone with a standard error of at most sqrt(2 * 0.25 / n); each gain
+    # must be more than two of them.
     assert after - before > 2 * (0.5 / 300) ** 0.5, (before, after)
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5, rewards
+    first, last = rows[:5], rows[-5:]
+    assert sum(r["reward"] for r in last) > sum(r["reward"] for r in first), [r["reward"] for r in rows]
+    # The G samples of one prompt are not independent: count prompts, not samples (5 steps x 16 prompts).
+    share_first, share_last = (sum(r["reasoning_share"] for r in part) / 5 for part in (first, last))
+    assert share_last - share_first > 2 * (0.5 / (5 * 16)) ** 0.5, [r["reasoning_share"] for r in rows]
 
 
 def test_control_trains_the_base_as_long_as_grpo_trained(world):

@@ -46,7 +46,8 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str = "") -> str | None:
     """Plot `keys` (one panel each) against step for every run {label: metrics.jsonl path}; returns out_png, or
-    None when matplotlib is not installed."""
+    None when matplotlib is not installed. A key "name/*" draws every "name/<part>" metric in one panel (e.g.
+    "reasoning_share/*": one line per reward type)."""
     try:
         import matplotlib
     except ImportError:
@@ -61,11 +62,19 @@ def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str 
     fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for label, path in runs.items():
-            points = [(row["step"], row[key]) for row in read_metrics(path) if row.get(key) is not None]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, label=label, linewidth=1.2)
-        ax.set_title(key)
+            rows = read_metrics(path)
+            names = sorted({name for row in rows for name in row if name.startswith(key[:-1])}) \
+                if key.endswith("/*") else [key]
+            for name in names:
+                points = [(row["step"], row[name]) for row in rows if row.get(name) is not None]
+                if points:
+                    steps, values = zip(*points)
+                    part = name.split("/", 1)[1] if key.endswith("/*") else ""
+                    ax.plot(steps, values, label=" ".join(filter(None, (label if len(runs) > 1 else "", part))),
+                            linewidth=1.2)
+            if key.endswith("/*"):
+                ax.legend(fontsize=7)
+        ax.set_title(key.replace("/*", " per type"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
