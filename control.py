@@ -1,21 +1,20 @@
-"""The control that makes GRPO's gain RL's own: the same base, trained on as many samples with more SFT on its own data.
+"""The control that makes GRPO's gain RL's own: the same base, given as many more samples of SFT on its own data.
 
 A gain after GRPO could come from any extra training. So the control continues the base's own recipe (its saved
 config: data, batch size, ..., at the learning rate its cosine schedule ended at, held constant) on as many
-samples as GRPO's updates trained on: every update pass sees each kept rollout row once, so GRPO trained on
-steps x prompts_per_step x group_size x mu samples (fewer with --drop-zero-std-groups: the kept rows, from its
-metrics.jsonl), all read from the GRPO run's saved config, so its overrides (`make grpo ARGS="--steps 5"`) count.
-Those samples become SFT steps of the base recipe's batch size. Samples, not seconds: the control's row is then
-reproducible and does not follow the machine's load (timed against the base's step time, a GRPO run slowed by
-other work would get a longer control); the base run's step time only gives the printed ETA. Then it evaluates the result greedily on the
-GRPO run's held-out records with the same rules, and prints the three rows: the base, the base + GRPO, the
+samples as GRPO's updates trained on. Every update pass sees each kept rollout row once, so GRPO trained on
+steps x prompts_per_step x group_size x mu samples (with --drop-zero-std-groups: the kept groups' rows, from its
+metrics.jsonl), read from the GRPO run's saved config, so its overrides (`make grpo ARGS="--steps 5"`) count;
+they become SFT steps of the base recipe's batch size. Samples, not seconds: the control's row is then
+reproducible and does not follow the machine's load (sized by time, a GRPO run slowed by other work would get a
+longer control); the base run's step time only gives the printed ETA. Then it evaluates the result greedily on
+the GRPO run's held-out records with the same rules, and prints the three rows: the base, the base + GRPO, the
 base + as many samples of SFT.
 
 On the toy world the base's data is the flawed teacher's (toyworld.py), so more SFT can only imitate it better,
 while GRPO's reward pays for the right answer: the control measures how much of the gain is the reward's.
 
-    python control.py --base runs/base --grpo runs/grpo --out runs/grpo-control     (make grpo runs it; CONTROL=0
-                                                                                     skips it)
+    python control.py --base runs/base --grpo runs/grpo --out runs/grpo-control    (make grpo; CONTROL=0 skips it)
 """
 
 import dataclasses

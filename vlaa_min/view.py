@@ -14,7 +14,6 @@ current step's cards are built.
     python -m vlaa_min.view runs/grpo --images /data/images --out /tmp/grpo.html
 """
 
-import argparse
 import base64
 import io
 import json
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlaa_min.cli import FlagParser
 from vlaa_min.metrics import read_metrics
 
 TEMPLATE = Path(__file__).with_name("viewer.html")
@@ -89,7 +89,7 @@ def render(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="run folder holding rollouts.jsonl (e.g. runs/grpo)")
     parser.add_argument("--out", help="HTML file to write (default: <run>/rollouts.html)")
     parser.add_argument("--images", help="images root (default: the run's config.json 'images')")
