@@ -88,6 +88,7 @@ SCRIPTS = [["train_sft.py"], ["train_grpo.py"], ["eval.py"], ["control.py"], ["e
 
 
 @pytest.mark.parametrize("command", SCRIPTS, ids=" ".join)
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # other tests imported the module
 def test_every_script_prints_its_help(command, monkeypatch, capsys):
     """`python SCRIPT --help` run as __main__ in this process (torch is imported once, not nine times)."""
     monkeypatch.setattr(sys, "argv", [command[-1], "--help"])
