@@ -181,8 +181,10 @@ def test_control_trains_the_base_on_as_many_samples_as_grpo(world, capsys):
     samples = grpo_cfg.steps * grpo_cfg.prompts_per_step * grpo_cfg.group_size * grpo_cfg.mu
     steps = read_metrics(world / "control" / "metrics.jsonl")
     assert len(steps) == samples // base_cfg["batch_size"]
+    printed = capsys.readouterr().out
     assert (f"control: {len(steps)} SFT steps of {base_cfg['batch_size']} samples (= the {samples} samples GRPO "
-            f"trained on), about ") in capsys.readouterr().out
+            f"trained on), about ") in printed
+    assert printed.count(f"make view RUN={world / 'control-grpo'}") == 2  # the ends of train_grpo.py and control.py
     assert {r["lr"] for r in steps} == {base_cfg["lr"] * base_cfg["min_lr_ratio"]}  # the base's final LR, held
     history = json.loads((world / "control-grpo" / "eval.json").read_text())
     assert list(rows.values())[:2] == [history["before"], history["after"]]
