@@ -18,6 +18,9 @@ DATA   ?=
 IMAGES ?=
 TRACES ?= clean
 ARGS   ?=
+# CONTROL=0: make grpo skips the SFT control. EVAL_SIZE: the toy held-out questions of make grpo and make eval.
+CONTROL   ?= 1
+EVAL_SIZE ?= 500
 # NPROC=N runs `make sft` / `make grpo` as N processes (GPUs, or CPU processes without one) under torchrun, FSDP2.
 NPROC  ?= 1
 ifeq ($(NPROC),1)
@@ -28,7 +31,35 @@ endif
 
 # Every recipe is a named preset in vlaa_min/presets.py (toy-base, toy-sft, toy, paper); ARGS overrides any value.
 
-.PHONY: install test test-slow rehearse data base sft grpo eval plot view experiment bench clean
+.PHONY: help install test test-slow rehearse data base sft grpo eval plot view experiment bench clean
+
+# The default goal: plain `make` lists the targets (tests/test_make.py checks that every .PHONY target is here).
+help:
+	@echo "make TARGET [VARIABLE=value ...]; every target installs what it needs first (a local $(VENV))"
+	@echo ""
+	@echo "  install     the venv: torch, transformers and this package (editable)"
+	@echo "  test        the default test suite (a few minutes on 2 cores)"
+	@echo "  test-slow   the slow tests (pytest -m slow)"
+	@echo "  rehearse    the real run rehearsed on the CPU: Qwen's tokenizer and widths (docs/rehearsal.md)"
+	@echo "  data        the offline toy world in $(TOY)/"
+	@echo "  base        the toy instruct base: SFT from a random init (preset toy-base)"
+	@echo "  sft         SFT on the toy reasoning traces from the base (TRACES=clean|pseudo), or on MODEL/DATA"
+	@echo "  grpo        GRPO from the toy base, then the SFT control on as many samples (CONTROL=0 skips it)"
+	@echo "  eval        evaluate a checkpoint (default $(RUNS)/grpo/model) on $(EVAL_SIZE) toy test questions, or DATA"
+	@echo "  plot        the curves of $(RUNS)/grpo as a PNG"
+	@echo "  view        the rollout viewer of a GRPO run: $(RUNS)/grpo/rollouts.html (RUN=another run)"
+	@echo "  experiment  the SFT-vs-RL study on the toy world: four GRPO runs, one table"
+	@echo "  bench       the generation benchmark"
+	@echo "  clean       delete runs/, toy/ and the pytest cache"
+	@echo ""
+	@echo "variables:"
+	@echo "  MODEL=DIR DATA=FILE IMAGES=DIR   a real checkpoint and data set instead of the toy (sft, grpo, eval)"
+	@echo "  NPROC=N       make sft / make grpo as N processes under torchrun (FSDP2)"
+	@echo "  ARGS=\"...\"    flags passed on to the script, e.g. ARGS=\"--steps 5\" (python train_grpo.py --help)"
+	@echo "  CONTROL=0     make grpo without the control"
+	@echo "  TRACES=pseudo make sft on the hesitant traces"
+	@echo "  RUN=DIR       the run make view renders (default $(RUNS)/grpo)"
+	@echo "  EVAL_SIZE=N   toy held-out questions of make grpo and make eval (now $(EVAL_SIZE); 0 = all)"
 
 install: $(STAMP)
 
@@ -83,17 +114,21 @@ sft: $(RUNS)/base/model/config.json
 	$(TRAIN) train_sft.py --model $(RUNS)/base/model --data $(SFT_DATA) --images $(TOY)/images \
 	  --out $(RUNS)/sft-$(TRACES) --preset toy-sft $(ARGS)
 
-# GRPO from the toy base (a new run each time), then the control: the base with as much more SFT on its own data.
+# GRPO from the toy base (a new run each time), then the control: the base with as many more samples of SFT on its
+# own data as GRPO trained on (control.py sizes it from the GRPO run's saved config, so ARGS count).
 grpo: $(RUNS)/base/model/config.json
 	$(TRAIN) train_grpo.py --model $(RUNS)/base/model --data $(TOY)/rl.json --images $(TOY)/images \
-	  --eval-data $(TOY)/test.json --out $(RUNS)/grpo --preset toy --overwrite true $(ARGS)
+	  --eval-data $(TOY)/test.json --eval-size $(EVAL_SIZE) --out $(RUNS)/grpo --preset toy --overwrite true $(ARGS)
+ifneq ($(CONTROL),0)
 	$(PY) control.py --base $(RUNS)/base --grpo $(RUNS)/grpo --out $(RUNS)/grpo-control
 endif
+endif
 
-# Evaluate a checkpoint (default: the last GRPO run) on the toy test split, or on DATA/IMAGES.
+# Evaluate a checkpoint (default: the last GRPO run) on the toy test split's first EVAL_SIZE questions (make grpo's
+# held-out ones, so the numbers compare), or on all of DATA/IMAGES.
 EVAL_MODEL ?= $(if $(MODEL),$(MODEL),$(RUNS)/grpo/model)
 eval: $(STAMP)
-	$(PY) eval.py --model $(EVAL_MODEL) --data $(if $(DATA),$(DATA),$(TOY)/test.json) \
+	$(PY) eval.py --model $(EVAL_MODEL) --data $(if $(DATA),$(DATA),$(TOY)/test.json --eval-size $(EVAL_SIZE)) \
 	  --images $(if $(IMAGES),$(IMAGES),$(TOY)/images) $(ARGS)
 
 plot: $(STAMP)

@@ -1,15 +1,20 @@
-"""The control that makes GRPO's gain RL's own: the same base, trained as long with more SFT on its own data.
+"""The control that makes GRPO's gain RL's own: the same base, given as many more samples of SFT on its own data.
 
 A gain after GRPO could come from any extra training. So the control continues the base's own recipe (its saved
-config: data, batch size, ..., at the learning rate its cosine schedule ended at, held constant) for as long as the GRPO run trained:
-the sum of its steps' generate + reward + train seconds, turned into SFT steps with the base run's own mean step
-time (evaluations excluded on both sides). Then it evaluates the result greedily on the GRPO run's held-out records
-with the same rules, and prints the three rows: the base, the base + GRPO, the base + the same time of SFT.
+config: data, batch size, ..., at the learning rate its cosine schedule ended at, held constant) on as many
+samples as GRPO's updates trained on. Every update pass sees each kept rollout row once, so GRPO trained on
+steps x prompts_per_step x group_size x mu samples (with --drop-zero-std-groups: the kept groups' rows, from its
+metrics.jsonl), read from the GRPO run's saved config, so its overrides (`make grpo ARGS="--steps 5"`) count;
+they become SFT steps of the base recipe's batch size. Samples, not seconds: the control's row is then
+reproducible and does not follow the machine's load (sized by time, a GRPO run slowed by other work would get a
+longer control); the base run's step time only gives the printed ETA. Then it evaluates the result greedily on
+the GRPO run's held-out records with the same rules, and prints the three rows: the base, the base + GRPO, the
+base + as many samples of SFT.
 
 On the toy world the base's data is the flawed teacher's (toyworld.py), so more SFT can only imitate it better,
 while GRPO's reward pays for the right answer: the control measures how much of the gain is the reward's.
 
-    python control.py --base runs/base --grpo runs/grpo --out runs/grpo-control     (make grpo runs it)
+    python control.py --base runs/base --grpo runs/grpo --out runs/grpo-control    (make grpo; CONTROL=0 skips it)
 """
 
 import dataclasses
@@ -37,17 +42,31 @@ class ControlConfig:
     out: str = field(default="runs/grpo-control", metadata={"help": "run folder of the control (replaced if there)"})
 
 
-def grpo_train_seconds(rows: list[dict]) -> float:
-    """A GRPO run's training time: its steps' rollout, reward and update seconds (no evaluation)."""
-    return sum(row["time_generate"] + row["time_reward"] + row["time_train"] for row in rows)
+def grpo_trained_samples(grpo_cfg: "train_grpo.GRPOConfig", rows: list[dict]) -> int:
+    """The samples GRPO's updates trained on: each kept rollout row once per pass, mu passes per step."""
+    rollout = grpo_cfg.prompts_per_step * grpo_cfg.group_size
+    if not grpo_cfg.drop_zero_std_groups:
+        return grpo_cfg.steps * rollout * grpo_cfg.mu
+    if len(rows) != grpo_cfg.steps:
+        raise UserError(f"the GRPO run's metrics.jsonl has {len(rows)} steps, its config {grpo_cfg.steps}: is it "
+                        f"finished?")
+    # frac_reward_zero_std is a share of the step's prompts, so each row keeps a whole number of groups
+    kept = sum(round(grpo_cfg.prompts_per_step * (1 - row["frac_reward_zero_std"])) for row in rows)
+    return kept * grpo_cfg.group_size * grpo_cfg.mu
 
 
-def control_steps(grpo_seconds: float, base_rows: list[dict]) -> int:
-    """How many of the base recipe's SFT steps take grpo_seconds, at the base run's mean step time."""
+def control_steps(samples: int, batch_size: int) -> int:
+    """The SFT steps of batch_size samples that train on `samples` samples (at least one)."""
+    return max(1, round(samples / batch_size))
+
+
+def eta(steps: int, base_rows: list[dict]) -> str:
+    """'about N min' at the base run's mean step time (a forecast only: the load may differ now)."""
     times = [row["step_time_s"] for row in base_rows if "step_time_s" in row]
     if not times:
-        raise UserError("the base run's metrics.jsonl has no step_time_s: train the base again with this code")
-    return max(1, round(grpo_seconds / (sum(times) / len(times))))
+        return "time unknown (no step_time_s in the base's metrics)"
+    seconds = steps * sum(times) / len(times)
+    return f"about {seconds / 60:.0f} min" if seconds >= 90 else f"about {seconds:.0f} s"
 
 
 def main(cfg: ControlConfig) -> dict:
@@ -59,9 +78,10 @@ def main(cfg: ControlConfig) -> dict:
         raise UserError(f"{eval_json} is missing: control.py needs a finished GRPO run with held-out evaluations")
     with open(eval_json) as f:
         history = json.load(f)
-    grpo_seconds = grpo_train_seconds(read_metrics(os.path.join(cfg.grpo, "metrics.jsonl")))
-    steps = control_steps(grpo_seconds, read_metrics(os.path.join(cfg.base, "metrics.jsonl")))
-    print(f"GRPO trained for {grpo_seconds:.0f} s: the control gets {steps} SFT steps of the base recipe")
+    samples = grpo_trained_samples(grpo_cfg, read_metrics(os.path.join(cfg.grpo, "metrics.jsonl")))
+    steps = control_steps(samples, base_cfg.batch_size)
+    print(f"control: {steps:,} SFT steps of {base_cfg.batch_size} samples (= the {samples:,} samples GRPO trained "
+          f"on), {eta(steps, read_metrics(os.path.join(cfg.base, 'metrics.jsonl')))}")
 
     # The base's own recipe, continued from its final model at the learning rate its schedule ended with.
     model_dir = train_sft.main(dataclasses.replace(
@@ -77,7 +97,7 @@ def main(cfg: ControlConfig) -> dict:
     summary, _ = train_grpo.evaluate_split(model, Processor.from_pretrained(model_dir), None, records, grpo_cfg,
                                         train_grpo.reward_config(grpo_cfg), resolve_dtype(grpo_cfg.precision, device))
     rows = {"base": history["before"], f"+ GRPO ({grpo_cfg.steps} steps)": history["after"],
-            f"+ SFT on its own data, as long ({steps} steps)": summary}
+            f"+ SFT on its own data, as many samples ({steps} steps)": summary}
     table = evaluation.markdown_table(rows)
     with open(os.path.join(cfg.out, "eval.md"), "w") as f:
         f.write(table + "\n")
@@ -86,7 +106,9 @@ def main(cfg: ControlConfig) -> dict:
     before = history["before"]["accuracy"]
     print(f"held-out accuracy (%), greedy, {len(records)} questions:\n{table}")
     print(f"gain over the base: GRPO {100 * (history['after']['accuracy'] - before):+.1f} points, "
-          f"the same time of SFT {100 * (summary['accuracy'] - before):+.1f}")
+          f"as many samples of SFT {100 * (summary['accuracy'] - before):+.1f}")
+    if grpo_cfg.log_rollouts_every:
+        print(f"the GRPO run's rollouts: make view RUN={cfg.grpo}, then open {cfg.grpo}/rollouts.html")
     return rows
 
 

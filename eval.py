@@ -15,7 +15,10 @@ Paper vs here: the paper evaluates with VLMEvalKit on six math benchmarks (max_n
 whole response when there is no answer block). We evaluate any split converted to the VLAA-Thinking record format
 with the training reward rules (no fallback: a missing answer block is wrong, as in training).
 
-    python eval.py --model runs/grpo/model --data toy/test.json --images toy/images
+Each evaluation writes results.json and results.md into a folder of its own (by default <model>/eval-<split>-<N>q,
+with -t<temperature>x<samples> when sampled) and refuses one that already holds results unless --overwrite true.
+
+    python eval.py --model runs/grpo/model --data toy/test.json --images toy/images --eval-size 500   (= make eval)
     python eval.py --model runs/grpo/model --data toy/test.json --samples 8 --temperature 0.8 --show 5
 """
 
@@ -35,7 +38,7 @@ from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
-from vlaa_min.run import check_model_dir
+from vlaa_min.run import check_model_dir, check_out_folder
 from vlaa_min.runtime import autocast, resolve_device, resolve_dtype
 
 
@@ -44,7 +47,8 @@ class EvalConfig:
     model: str = field(default="runs/grpo/model", metadata={"help": "HF-format checkpoint directory"})
     data: str = field(default="toy/test.json", metadata={"help": "records to evaluate (JSON or JSONL)"})
     images: str = field(default="toy/images", metadata={"help": "images root of the records"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N records (0 = all)"})
+    eval_size: int = field(default=0, metadata={"help": "evaluate the first N records (0 = all; make eval: 500, "
+                                                        "make grpo's held-out ones)"})
     samples: int = field(default=1, metadata={"help": "responses per question (k for pass@k / mean@k)"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (then --samples must be 1)"})
     max_new_tokens: int = field(default=800, metadata={"help": "the paper's evaluation budget"})
@@ -56,13 +60,14 @@ class EvalConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU), fp32, bf16"})
     out: str | None = field(default=None, metadata={"help": "directory for results.json and results.md "
-                                                             "(default: <model>/eval-<split name>)"})
+                                                             "(default: <model>/eval-<split>-<N>q[-t<T>x<k>])"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the results --out already holds"})
     show: int = field(default=0, metadata={"help": "print N responses next to their references"})
     skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
 
     def __post_init__(self):
         check_sizes(self, positive=("samples", "max_new_tokens", "batch_size"),
-                    non_negative=("limit", "temperature", "max_pixels"))
+                    non_negative=("eval_size", "temperature", "max_pixels"))
         if self.temperature == 0 and self.samples != 1:
             raise ConfigError("greedy decoding (--temperature 0) gives one response per question; use --samples 1")
 
@@ -190,18 +195,29 @@ def _percent(share: float | None) -> str:
 
 
 def markdown_table(summaries: dict[str, dict]) -> str:
-    """One row per evaluated model: overall and per-type accuracy, format failures, length, the share of responses
-    that reason, the share of checkable reasoned responses whose steps give their answer, aha words."""
+    """One row per {label: summary}: the questions it was scored on, overall and per-type accuracy, format
+    failures, length, the share of responses that reason, the share of checkable reasoned responses whose steps
+    give their answer, aha words."""
     types = sorted({t for s in summaries.values() for t in s["per_type"]})
-    header = ["model", "overall"] + types + ["format fail", "mean length", "reasons", "steps agree", "aha / response"]
+    header = ["model", "questions", "overall"] + types + ["format fail", "mean length", "reasons", "steps agree",
+                                                          "aha / response"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in summaries.items():
-        cells = [name, f"{100 * s['accuracy']:.1f}"]
+        cells = [name, f"{s['n']:,}", f"{100 * s['accuracy']:.1f}"]
         cells += [f"{100 * s['per_type'][t]['accuracy']:.1f}" if t in s["per_type"] else "-" for t in types]
         cells += [f"{100 * s['format_failure']:.1f}%", f"{s['mean_length']:.0f}",
                   _percent(s.get("reasoning_share")), _percent(s.get("steps_agree")), f"{s['aha_per_response']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def results_folder(cfg: EvalConfig, questions: int) -> str:
+    """--out, or a folder of its own for this evaluation inside the model's: eval-test-500q, eval-test-500q-t0.8x8."""
+    if cfg.out:
+        return cfg.out
+    split = os.path.splitext(os.path.basename(cfg.data))[0]
+    sampled = f"-t{cfg.temperature:g}x{cfg.samples}" if cfg.temperature else ""
+    return os.path.join(cfg.model, f"eval-{split}-{questions}q{sampled}")
 
 
 def main(cfg: EvalConfig) -> dict:
@@ -211,19 +227,21 @@ def main(cfg: EvalConfig) -> dict:
     precision = resolve_dtype(cfg.precision, device)
     reward_config = rewards.RewardConfig(require_think=cfg.require_think)
     records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reward_config=reward_config)
-    if cfg.limit:
-        records = records[: cfg.limit]
+    if cfg.eval_size > len(records):
+        raise ConfigError(f"--eval-size {cfg.eval_size} is more than the {len(records)} records of {cfg.data}")
+    records = records[: cfg.eval_size] if cfg.eval_size else records
+    out = results_folder(cfg, len(records))
+    check_out_folder(out, resume=False, overwrite=cfg.overwrite, holds="results", resumable=False)  # before generating
     processor = Processor.from_pretrained(cfg.model, cfg.max_pixels)
     model = VLModel.from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else precision,
                                     device=device)
     summary, rows = evaluate(model, processor, records, cfg.images, samples=cfg.samples, temperature=cfg.temperature,
                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                              reward_config=reward_config, seed=cfg.seed, precision=precision)
-    out = cfg.out or os.path.join(cfg.model, "eval-" + os.path.splitext(os.path.basename(cfg.data))[0])
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"config": vars(cfg), "summary": summary, "responses": rows}, f, indent=1)
-    table = markdown_table({os.path.basename(os.path.normpath(cfg.model)): summary})
+    table = markdown_table({os.path.normpath(cfg.model): summary})
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     for row in rows[: cfg.show]:

@@ -16,7 +16,8 @@ Choices the paper leaves open: tags match case-insensitively; require_think (off
 first; number words zero..twenty count when the answer has no digits; a math answer over 1,000 characters gives
 0; beta = 1.0. The paper's reward model (InternLM-XComposer2.5-Reward) is replaced by toyworld.ToySceneScorer
 (the toy world's scene facts) when meta["scene"] exists, else by token F1 with gt.
-Nothing here raises on model output; a bad sample raises SampleError naming the record and the field.
+Nothing here raises on model output; a bad sample raises SampleError naming the record and the field. GRPO sees a
+reward only through differences within a group (a constant or a scale cancels): docs/rewards.md.
 
     from rewards import compute_reward
     compute_reward("<think>...</think><answer>(B)</answer>", {"verifier_type": "mcq", "gt": "B"})

@@ -473,6 +473,9 @@ def main(cfg: GRPOConfig) -> dict:
         os.path.join(cfg.out, "curves.png"), title="GRPO")
     release_lock(lock)
     print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png or 'none'}  model: {final_dir}")
+    if cfg.log_rollouts_every:
+        print(f"see what GRPO saw: make view RUN={cfg.out}  (= python -m vlaa_min.view {cfg.out}), then open "
+              f"{cfg.out}/rollouts.html")
     return history
 
 

@@ -1,5 +1,9 @@
-"""eval.py: a policy that always answers the reference scores 1; pass@k matches the unbiased estimator by hand."""
+"""eval.py: a policy that always answers the reference scores 1; pass@k matches the unbiased estimator by hand; a run
+of eval.py writes a results folder of its own, labelled with the model and the question count, and never over
+an earlier one unless told."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -8,9 +12,11 @@ import torch
 import eval as evaluation
 import rewards
 import toyworld
+from vlaa_min.cli import ConfigError, UserError
 from vlaa_min.generate import Rollout
 from vlaa_min.processor import Processor
 from vlaa_min.tokenizer import build_tokenizer
+from vlaa_min.toy_model import build_toy_checkpoint
 
 
 class ReferenceScorer:
@@ -55,6 +61,30 @@ def test_always_answering_the_reference_scores_one(tmp_path):
     assert set(summary["per_type"]) == {"digit", "mcq", "math", "iou", "open"}
     assert all(row["reward"] == 1.0 for row in rows) and len(rows) == 40
     assert summary["format_failure"] == 0.0 and summary["aha_per_response"] == 0.0
+
+
+def test_eval_writes_its_own_labelled_results_folder_and_never_over_one(tmp_path):
+    records = toyworld.generate_split(6, seed=5, image_dir=str(tmp_path / "images"), prefix="eval")
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    model = build_toy_checkpoint(str(tmp_path / "model"), str(tmp_path), vocab_size=300, text_num_hidden_layers=1,
+                                 text_hidden_size=32, text_intermediate_size=64, text_num_attention_heads=2,
+                                 text_num_key_value_heads=1, text_mrope_section=[2, 3, 3], vision_depth=1,
+                                 vision_out_hidden_size=32)
+    config = evaluation.EvalConfig(model=model, data=str(tmp_path / "test.json"), images=str(tmp_path / "images"),
+                                   eval_size=4, max_new_tokens=4, batch_size=4, device="cpu")
+    summary = evaluation.main(config)
+    out = tmp_path / "model" / "eval-test-4q"  # the split's name and the questions scored
+    assert summary["n"] == 4 == json.loads((out / "results.json").read_text())["summary"]["n"]
+    header, _, row = (out / "results.md").read_text().splitlines()
+    assert header.split(" | ")[:3] == ["| model", "questions", "overall"]
+    assert row.split(" | ")[:2] == [f"| {model}", "4"]
+    with pytest.raises(UserError, match=f"--out {out} already holds results: replace it with --overwrite true"):
+        evaluation.main(config)
+    evaluation.main(dataclasses.replace(config, overwrite=True))
+    evaluation.main(dataclasses.replace(config, eval_size=0))  # all 6: another folder
+    assert json.loads((out.with_name("eval-test-6q") / "results.json").read_text())["summary"]["n"] == 6
+    with pytest.raises(ConfigError, match="--eval-size 7 is more than the 6 records"):
+        evaluation.main(dataclasses.replace(config, eval_size=7))
 
 
 @pytest.mark.parametrize("n, c, k", [(5, 2, 1), (5, 2, 2), (5, 0, 3), (5, 4, 2), (8, 3, 8), (10, 1, 4)])

@@ -27,6 +27,33 @@ def test_group_advantages_by_hand():
     assert torch.allclose(group_advantages(rewards, scale_by_std=False), rewards - rewards.mean(1, keepdim=True))
 
 
+def test_advantages_see_only_differences_within_a_group():
+    """docs/rewards.md: r -> a r + c (a > 0, per group) leaves the std-scaled advantages unchanged, so a constant
+    for wrong answers of a 0/1 reward does nothing; Dr. GRPO's mean-only advantage cancels c but scales by a."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.rand(6, 8, generator=gen, dtype=torch.float64)
+    shift = 3 * torch.rand(6, 1, generator=gen, dtype=torch.float64)  # a different constant per group
+    scale = 0.5 + 4 * torch.rand(6, 1, generator=gen, dtype=torch.float64)
+    grpo, dr = group_advantages(rewards), group_advantages(rewards, scale_by_std=False)
+    assert torch.allclose(group_advantages(rewards + shift), grpo)
+    assert torch.allclose(group_advantages(scale * rewards + shift), grpo)
+    assert torch.allclose(group_advantages(rewards + shift, scale_by_std=False), dr)
+    assert torch.allclose(group_advantages(scale * rewards, scale_by_std=False), scale * dr)
+    assert not torch.allclose(scale * dr, dr)
+
+    right = rewards > 0.5  # a 0/1 reward; some groups mixed, so their advantages are not all 0
+    assert (right.any(1) & ~right.all(1)).any()
+    binary, bonus = right.double(), 0.3
+    credited = torch.where(right, 1.0, bonus).double()  # = bonus + (1 - bonus) * binary
+    assert torch.allclose(group_advantages(credited), group_advantages(binary))
+    assert torch.allclose(group_advantages(credited, scale_by_std=False),
+                          (1 - bonus) * group_advantages(binary, scale_by_std=False))
+    # What GRPO does see: a bonus that only some wrong answers get (a well-formed wrong answer vs a format failure).
+    well_formed = torch.rand(6, 8, generator=gen) > 0.5
+    graded = binary + bonus * (~right & well_formed)
+    assert not torch.allclose(group_advantages(graded), group_advantages(binary))
+
+
 @pytest.mark.parametrize("value", [1 - math.exp(-2.0), 0.1, 1 / 3, 0.7, math.pi / 10])
 def test_equal_rewards_give_exactly_zero_advantage(value):
     # In float32 the mean of eight copies of a non-representable value can land one rounding step off them, and

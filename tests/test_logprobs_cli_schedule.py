@@ -1,8 +1,13 @@
-"""Chunked log-probs equal the plain full-vocabulary computation; config flags and presets parse; the LR schedule's
+"""Chunked log-probs equal the plain full-vocabulary computation; config flags and presets parse, every script
+answers --help (with the chosen preset's values), a misspelt flag gets the closest real one; the LR schedule's
 shape."""
 
 import dataclasses
 import math
+import re
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +79,55 @@ def test_a_preset_sets_defaults_and_flags_override_it():
         parse_config(train_sft.SFTConfig, ["--preset", "no-such-recipe"])
     with pytest.raises(ValueError, match="unknown preset"):
         make_config(train_grpo.GRPOConfig, "no-such-recipe")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every command-line entry point, as the README and the Makefile call it.
+SCRIPTS = [["train_sft.py"], ["train_grpo.py"], ["eval.py"], ["control.py"], ["experiment.py"], ["toyworld.py"],
+           ["-m", "pipeline"], ["-m", "vlaa_min.toy_model"], ["-m", "vlaa_min.view"]]
+
+
+@pytest.mark.parametrize("command", SCRIPTS, ids=" ".join)
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # other tests imported the module
+def test_every_script_prints_its_help(command, monkeypatch, capsys):
+    """`python SCRIPT --help` run as __main__ in this process (torch is imported once, not nine times)."""
+    monkeypatch.setattr(sys, "argv", [command[-1], "--help"])
+    with pytest.raises(SystemExit) as exited:
+        if command[0] == "-m":
+            runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(ROOT / command[0]), run_name="__main__")
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("usage:")
+
+
+def _help_defaults(text: str) -> dict[str, str]:
+    """{'--lr': '0.001', ...}: each flag's "(default: ...)" in an argparse help text (help lines may wrap)."""
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n  (?=--)", text)[1:]]
+    return {entry.split()[0]: entry.rsplit("(default: ", 1)[1].split(")")[0] for entry in entries
+            if "(default: " in entry}
+
+
+def test_help_with_a_preset_shows_the_presets_values(capsys):
+    recipe = presets_of(train_sft.SFTConfig)["toy-sft"]
+    shown = []
+    for argv in (["--help"], ["--preset", "toy-sft", "--help"]):
+        with pytest.raises(SystemExit) as exited:
+            parse_config(train_sft.SFTConfig, argv)
+        assert exited.value.code == 0
+        shown.append(_help_defaults(capsys.readouterr().out))
+    plain, preset = shown
+    assert plain["--lr"] == str(train_sft.SFTConfig.lr) != str(recipe["lr"])
+    for key, value in recipe.items():
+        assert preset["--" + key.replace("_", "-")] == str(value), key
+
+
+@pytest.mark.parametrize("wrong, meant", [("--lerning-rate", "--lr"), ("--bach-size", "--batch-size"),
+                                          ("--freeze-vison", "--freeze-vision")])
+def test_a_misspelt_flag_is_answered_with_the_closest_one(wrong, meant, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_config(train_sft.SFTConfig, [wrong, "1"])
+    assert exited.value.code == 2
+    assert f"unknown flag {wrong}; did you mean {meant}?" in capsys.readouterr().err
 
 
 def test_cosine_schedule_shape():

@@ -158,7 +158,7 @@ def test_grpo_refuses_a_changed_group_size_on_resume(world):
 @pytest.mark.parametrize("script, flags, message", [
     ("train_sft.py", ["--batch-size", "0"], "--batch-size must be > 0, got 0"),
     ("train_grpo.py", ["--steps", "-3"], "--steps must be > 0, got -3"),
-    ("eval.py", ["--limit", "-1"], "--limit must be >= 0, got -1"),
+    ("eval.py", ["--eval-size", "-1"], "--eval-size must be >= 0, got -1"),
     ("train_sft.py", ["--model", "no/such/model"], "--model no/such/model: no such directory"),
 ])
 def test_flags_that_cannot_work_get_one_line_naming_the_flag(script, flags, message, tmp_path):

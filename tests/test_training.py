@@ -21,9 +21,10 @@ import data
 import toyworld
 import train_grpo
 import train_sft
-from vlaa_min.cli import UserError
+from vlaa_min.cli import UserError, load_config, parse_config, save_config
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
+from vlaa_min.presets import make_config
 from vlaa_min.processor import Processor
 from vlaa_min.toy_model import build_toy_checkpoint
 
@@ -175,24 +176,43 @@ def test_the_toy_recipe_learns(tmp_path):
     assert share_last - share_first > 2 * (0.5 / (5 * 16)) ** 0.5, [r["reasoning_share"] for r in rows]
 
 
-def test_control_trains_the_base_as_long_as_grpo_trained(world):
-    train_grpo.main(_grpo_config(world, "control-grpo", steps=3))
+def test_control_trains_the_base_on_as_many_samples_as_grpo(world, capsys):
+    grpo_cfg = _grpo_config(world, "control-grpo", steps=3)
+    train_grpo.main(grpo_cfg)
     rows = control.main(control.ControlConfig(base=str(world / "sft"), grpo=str(world / "control-grpo"),
                                               out=str(world / "control")))
-    grpo_seconds = control.grpo_train_seconds(read_metrics(world / "control-grpo" / "metrics.jsonl"))
-    base_rows = read_metrics(world / "sft" / "metrics.jsonl")
-    steps = read_metrics(world / "control" / "metrics.jsonl")
-    mean_step = sum(r["step_time_s"] for r in base_rows) / len(base_rows)
-    assert len(steps) == control.control_steps(grpo_seconds, base_rows) == max(1, round(grpo_seconds / mean_step))
     base_cfg = json.loads((world / "sft" / "config.json").read_text())
+    samples = grpo_cfg.steps * grpo_cfg.prompts_per_step * grpo_cfg.group_size * grpo_cfg.mu
+    steps = read_metrics(world / "control" / "metrics.jsonl")
+    assert len(steps) == samples // base_cfg["batch_size"]
+    printed = capsys.readouterr().out
+    assert (f"control: {len(steps)} SFT steps of {base_cfg['batch_size']} samples (= the {samples} samples GRPO "
+            f"trained on), about ") in printed
+    assert printed.count(f"make view RUN={world / 'control-grpo'}") == 2  # the ends of train_grpo.py and control.py
     assert {r["lr"] for r in steps} == {base_cfg["lr"] * base_cfg["min_lr_ratio"]}  # the base's final LR, held
     history = json.loads((world / "control-grpo" / "eval.json").read_text())
     assert list(rows.values())[:2] == [history["before"], history["after"]]
     assert list(rows.values())[2]["n"] == history["before"]["n"]  # the same held-out records
 
 
-def test_control_steps_need_the_base_step_times():
-    assert control.control_steps(10.0, [{"step_time_s": 0.5}, {"step_time_s": 1.5}]) == 10
-    assert control.control_steps(0.1, [{"step_time_s": 1.0}]) == 1
-    with pytest.raises(UserError, match="step_time_s"):
-        control.control_steps(10.0, [{"loss": 1.0}])
+def test_the_control_follows_the_grpo_runs_saved_config_not_the_clock(tmp_path):
+    """`make grpo ARGS="--steps 5"`: control.py reads the run's saved config, so 5 steps get 1/16 of the control of
+    the default 80, whatever the machine's load; with --drop-zero-std-groups only the kept groups count."""
+    base = make_config(train_sft.SFTConfig, "toy-base")
+    planned = {}
+    for argv in (["--steps", "5"], []):
+        save_config(parse_config(train_grpo.GRPOConfig, ["--preset", "toy", *argv]), str(tmp_path / "config.json"))
+        saved = load_config(train_grpo.GRPOConfig, str(tmp_path / "config.json"))
+        samples = control.grpo_trained_samples(saved, [])
+        assert samples == saved.steps * saved.prompts_per_step * saved.group_size * saved.mu
+        planned[saved.steps] = control.control_steps(samples, base.batch_size)
+    default_steps = train_grpo.GRPOConfig.steps
+    assert planned[5] * default_steps // 5 == planned[default_steps]
+    assert control.control_steps(1, base.batch_size) == 1  # never an empty control
+
+    dropping = dataclasses.replace(saved, steps=2, mu=2, drop_zero_std_groups=True)
+    rows = [{"frac_reward_zero_std": 0.25}, {"frac_reward_zero_std": 1.0}]  # 3/4 of the groups kept, then none
+    kept_groups = dropping.prompts_per_step * 3 // 4
+    assert control.grpo_trained_samples(dropping, rows) == kept_groups * dropping.group_size * dropping.mu
+    with pytest.raises(UserError, match="is it finished"):
+        control.grpo_trained_samples(dropping, rows[:1])

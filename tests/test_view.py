@@ -1,8 +1,9 @@
 """The rollout log of a real (tiny) GRPO run, its resume, and the viewer page: parsed, and loaded in Chromium.
 
 The browser check runs the page's own #selftest (it moves the step slider, compares the cards before and after,
-toggles the first-vs-last view) under headless Chromium and fails on any console message; it skips when no
-Chromium is installed (.ci/run installs Debian's package).
+toggles the first-vs-last view, which must show the first and last step's numbers, not the slider's, and counts
+the chart's held-out points) under headless Chromium and fails on any console message; it skips when no Chromium
+is installed (.ci/run installs Debian's package).
 """
 
 import dataclasses
@@ -114,6 +115,9 @@ def test_the_page_parses_and_holds_the_logged_groups(run, tmp_path):
     logged = read_metrics(os.path.join(run.out, "rollouts.jsonl"))
     assert [[g["id"] for g in e["groups"]] for e in data["entries"]] == [[g["id"] for g in e["groups"]] for e in logged]
     assert [row["step"] for row in data["metrics"]] == [1, 2, 3, 4]
+    history = json.loads((Path(run.out) / "eval.json").read_text())  # held-out accuracy before and after GRPO
+    assert data["heldout"] == [{"step": 0, "accuracy": history["before"]["accuracy"]},
+                               {"step": run.steps, "accuracy": history["after"]["accuracy"]}]
     used = {g["image"] for e in logged for g in e["groups"]}
     assert set(data["images"]) == used  # one thumbnail per image, however many groups show it
     assert all(uri.startswith("data:image/jpeg;base64,") for uri in data["images"].values())
@@ -145,7 +149,7 @@ needs_chromium = pytest.mark.skipif(_chromium() is None, reason="no Chromium ins
 @needs_chromium
 def test_the_page_works_in_headless_chromium(run, tmp_path):
     out = view.main([run.out, "--out", str(tmp_path / "page.html")])
-    assert _selftest_in_chromium(out, tmp_path).startswith("selftest: ok steps=2 cards=16,16 compared=6 ")
+    assert _selftest_in_chromium(out, tmp_path).startswith("selftest: ok steps=2 cards=16,16 compared=6 heldout=2 ")
 
 
 @pytest.mark.slow

@@ -10,11 +10,13 @@ taken from the field's `metadata["help"]` -- and back, and saves the resolved co
     cfg = parse_config(Config)          # python script.py --lr 3e-5
 
 A script's entry point is `run_script(main, Config, doc)`: a `UserError` (bad flags, bad data, a run that cannot
-go on) ends the process with its message and exit code 1, not a traceback.
+go on) ends the process with its message and exit code 1, not a traceback. A misspelt flag is answered with the
+closest real one ("unknown flag --lerning-rate; did you mean --lr?", exit code 2).
 """
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -63,8 +65,42 @@ def _flag_type(annotation):
     raise TypeError(f"unsupported config field type {annotation!r}: use bool, int, float, str or Optional of one")
 
 
+def closest_flag(name: str, actions) -> str | None:
+    """The flag `name` was probably meant to be: the closest flag name, else the flag whose help text holds the
+    closest phrase (--lerning-rate -> --lr, whose help says "peak learning rate")."""
+    flags = {flag: action for action in actions for flag in action.option_strings if flag.startswith("--")}
+    match = difflib.get_close_matches(name, flags, n=1)
+    if match:
+        return match[0]
+    words = name.lstrip("-").replace("-", " ").replace("_", " ").lower()
+    width = len(words.split())
+
+    def phrase_score(action) -> float:
+        text = (action.help or "").lower().split()
+        phrases = [" ".join(text[i : i + width]) for i in range(max(len(text) - width + 1, 1))]
+        return max(difflib.SequenceMatcher(None, words, phrase).ratio() for phrase in phrases)
+
+    score, flag = max(((phrase_score(action), flag) for flag, action in flags.items()), default=(0.0, None))
+    return flag if score >= 0.8 else None
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, but an unknown flag gets a suggestion instead of a bare "unrecognized arguments"."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        unknown = [arg.split("=")[0] for arg in extras if arg.startswith("--")]
+        if unknown:
+            guess = closest_flag(unknown[0], self._actions)
+            self.error(f"unknown flag {unknown[0]}" + (f"; did you mean {guess}?" if guess else
+                                                      f" ({self.prog} --help lists the flags)"))
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+
 def build_parser(config_cls, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
@@ -74,7 +110,7 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
             type=_flag_type(hints[field.name]),
             default=default,
             metavar=hints[field.name].__name__.upper() if hasattr(hints[field.name], "__name__") else "VALUE",
-            help=field.metadata.get("help", " "),
+            help=field.metadata.get("help", " ").replace("%", "%%"),  # argparse %-formats help strings
         )
     return parser
 
@@ -85,9 +121,14 @@ def parse_config(config_cls, argv: list[str] | None = None, description: str | N
     parser = build_parser(config_cls, description)
     recipes = presets_of(config_cls)
     if recipes:
-        parser.add_argument("--preset", choices=sorted(recipes), default=None,
-                            help="a named recipe (vlaa_min/presets.py); other flags override its values")
-        chosen = parser.parse_known_args(argv)[0].preset
+        preset_flag = dict(choices=sorted(recipes), default=None,
+                           help="a named recipe (vlaa_min/presets.py); other flags override its values, and with "
+                                "it --help shows its values as the defaults")
+        parser.add_argument("--preset", **preset_flag)
+        # --preset alone first (no --help here), so that --help already shows the preset's values
+        preset_only = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+        preset_only.add_argument("--preset", **preset_flag)
+        chosen = preset_only.parse_known_args(argv)[0].preset
         parser.set_defaults(**recipes.get(chosen, {}))
     args = vars(parser.parse_args(argv))
     args.pop("preset", None)

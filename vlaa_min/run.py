@@ -28,8 +28,9 @@ LOCK_FILE = ".lock"
 ALWAYS_SAFE = frozenset({"out", "resume", "overwrite"})  # how a run is started, not how it trains
 
 
-def check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
-    """Refuse an --out that holds another run unless the user said what to do with it (rank 0 checks)."""
+def check_out_folder(out: str, resume: bool, overwrite: bool, holds: str = "a run", resumable: bool = True) -> None:
+    """Refuse an --out that holds another run (eval.py: holds="results", nothing to resume) unless the user said
+    what to do with it (rank 0 checks)."""
     if resume and overwrite:
         raise ConfigError("--resume true and --overwrite true exclude each other")
     if not distributed.is_main():
@@ -38,8 +39,9 @@ def check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--out {out} is a file, not a folder")
     held = os.path.isdir(out) and any(name != LOCK_FILE for name in os.listdir(out))
     if held and not (resume or overwrite):
-        raise UserError(f"--out {out} already holds a run: continue it with --resume true, replace it with "
-                        f"--overwrite true, or choose another --out")
+        resume_hint = "continue it with --resume true, " if resumable else ""
+        raise UserError(f"--out {out} already holds {holds}: {resume_hint}replace it with --overwrite true, or choose "
+                        f"another --out")
 
 
 def take_lock(out: str):

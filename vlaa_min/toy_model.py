@@ -10,13 +10,13 @@ trains it into the toy "instruct" base with train_sft.py.
     python -m vlaa_min.toy_model --data toy --out runs/toy-init
 """
 
-import argparse
 import glob
 import json
 import os
 
 import torch
 
+from vlaa_min.cli import FlagParser
 from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel
 from vlaa_min.processor import SYSTEM_PROMPT, Processor
@@ -71,7 +71,7 @@ def build_toy_checkpoint(out: str, data_dir: str, model_type: str = "qwen2_5_vl"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="toy", help="toy world directory (its *.json records train the tokenizer)")
     parser.add_argument("--out", default="runs/toy-init", help="checkpoint directory to write")
     parser.add_argument("--model-type", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
