@@ -6,7 +6,7 @@ other flag on the command line overrides them; the Makefile, experiment.py and t
     python train_sft.py --preset toy-base --model runs/toy-init --data toy/base.json --out runs/base
     python train_grpo.py --preset paper --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-GRPO-25K.json ...
 
-The GRPO dataclass defaults are the toy recipe, so "toy" is empty. The paper's values (SPEC.md; OpenRLHF defaults
+The GRPO dataclass defaults are the toy recipe, so "toy" is empty. The paper's values (docs/paper.md; OpenRLHF defaults
 where the paper is silent) are in "paper": G = 4, 512 prompts per rollout, train batch 256 (8 updates per
 rollout), 49 steps (one epoch of 25,195 prompts), adaptive KL 1e-3 -> 5e-4, peak LR 5e-6 with 3% warmup, 1024
 new tokens; its SFT: global batch 128, one epoch, the vision tower frozen. Not in the paper, needed by Qwen2.5-VL:
