@@ -241,8 +241,9 @@ def test_encode_images_matches_transformers(pair):
     ours, hf = pair
     pixels, grid = images((112, 168), (84, 84))
     with torch.no_grad():
-        a = ours.encode_images(pixels, grid)
+        a, deepstack = ours.encode_images(pixels, grid)
         b = torch.cat(hf.model.get_image_features(pixels, grid).pooler_output)
+    assert deepstack == []
     assert a.shape == (sum(image_tokens(grid)), 128)
     assert (a - b).abs().max().item() <= TOL
 
