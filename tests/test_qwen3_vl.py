@@ -21,6 +21,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel, _ours_to_hf
 from tests.helpers import randomize_
+from tests.rehearsal import qwen3_vl_hub_config
 from tests.test_model import (
     EOS, IMAGE, PAD, TOL, VIDEO, VISION_END, VISION_START, VOCAB, hf_logits, image_tokens, left_pad,
     max_diff_on_real_tokens, our_logits, our_positions, prompt,
@@ -169,15 +170,8 @@ def test_transformers_checkpoint_loads_into_ours(tmp_path, tie, shard):
 
 
 def hub_config() -> dict:
-    """A config.json in the layout Qwen3-VL was released in: nested, rope_scaling and rope_theta in text_config."""
-    d = ModelConfig.tiny("qwen3_vl").to_hf_dict()
-    rope = d["text_config"].pop("rope_parameters")
-    d["text_config"] |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": rope, "torch_dtype": "float32",
-                         "tie_word_embeddings": True, "attention_dropout": 0.0, "use_cache": True}
-    d["vision_config"].pop("rope_parameters")
-    d["vision_config"] |= {"initializer_range": 0.02}
-    d["torch_dtype"] = d.pop("dtype")
-    return d
+    """The tiny config.json in the layout Qwen3-VL was released in (nested, rope_scaling in text_config)."""
+    return qwen3_vl_hub_config(ModelConfig.tiny("qwen3_vl").to_hf_dict())
 
 
 def test_config_layouts():
