@@ -7,7 +7,9 @@ next-token distributions are far from uniform and greedy choices are not near-ti
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration,
+)
 
 from vlaa_min.generate import Engine, SamplingParams, filter_logits, inverse_cdf_sample, sample_tokens
 from vlaa_min.logprobs import sequence_logprobs
@@ -47,7 +49,8 @@ def make_model(model_type: str = "qwen2_5_vl", seed: int = 0, bias: dict[int, fl
     return model
 
 
-def make_batch(specs: list[tuple[int, tuple[int, int, int] | None]], seed: int = 0, patch_size: int = 14) -> PromptBatch:
+def make_batch(specs: list[tuple[int, tuple[int, int, int] | None]], seed: int = 0,
+               patch_size: int = 14) -> PromptBatch:
     """Left-padded prompts; each spec is (text tokens, image grid_thw or None). Pixel values are random."""
     generator = torch.Generator().manual_seed(seed)
     patch_dim = 3 * 2 * patch_size**2  # channels * temporal_patch_size * patch_size^2

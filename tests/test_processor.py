@@ -1,8 +1,8 @@
 """Tests for vlaa_min/tokenizer.py and vlaa_min/processor.py.
 
 Image preprocessing and smart_resize are compared with transformers' Qwen2-VL processor; the
-prompt with our tokenizer's chat template, and a Qwen3-VL prompt with Qwen's real tokenizer and transformers; token-level facts (pad counts, loss mask, padding)
-are recomputed here from their definitions.
+prompt with our tokenizer's chat template, and a Qwen3-VL prompt with Qwen's real tokenizer and transformers' own
+processing; token-level facts (pad counts, loss mask, padding) are recomputed here from their definitions.
 """
 
 import json

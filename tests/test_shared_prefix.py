@@ -2,8 +2,8 @@
 
 GRPO re-scores G completions per prompt and SFT batches start with the same system prompt; both run the shared
 part once. These tests check that this is exact: values and parameter gradients match a forward over the whole
-sequences, with images in the prefix, left-padded prompts of different lengths and every model type (Qwen3-VL's DeepStack
-included).
+sequences, with images in the prefix, left-padded prompts of different lengths and every model type (Qwen3-VL's
+DeepStack included).
 """
 
 import pytest
@@ -61,7 +61,8 @@ def full_forward_logprobs(model, batch, rows, completion_ids, lengths, temperatu
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_completion_logprobs_equal_full_forward_values_and_gradients(model_type):
     model = make_model(model_type).train()
-    batch = make_batch(MIXED_PROMPTS, seed=1, patch_size=model.config.vision.patch_size)  # 3 prompts: two images of different sizes, one text only
+    # 3 prompts: two images of different sizes, one text only
+    batch = make_batch(MIXED_PROMPTS, seed=1, patch_size=model.config.vision.patch_size)
     rows = torch.tensor([2, 0, 0, 1, 2, 0, 1])  # several completions per prompt, in any order
     completion_ids, lengths = random_completions(len(rows), 6, seed=2)
     weights = torch.randn(len(rows), 6, generator=torch.Generator().manual_seed(3))  # a generic loss
