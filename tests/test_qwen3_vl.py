@@ -23,8 +23,8 @@ from vlaa_min.model import VLModel, _ours_to_hf
 from tests.helpers import randomize_
 from tests.rehearsal import qwen3_vl_hub_config
 from tests.test_model import (
-    EOS, IMAGE, PAD, TOL, VIDEO, VISION_END, VISION_START, VOCAB, hf_logits, image_tokens, left_pad,
-    max_diff_on_real_tokens, our_logits, our_positions, prompt,
+    EOS, IMAGE, PAD, TOL, VIDEO, VISION_END, VISION_START, VOCAB, gradients_without_and_with_checkpointing, hf_logits,
+    image_tokens, left_pad, max_diff_on_real_tokens, our_logits, our_positions, prompt,
 )
 
 QWEN3_MEAN_STD = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)  # Qwen3-VL's preprocessor_config.json
@@ -120,16 +120,9 @@ def test_rope_and_image_features_match_transformers(pair):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_deepstack():
-    model = VLModel(ModelConfig.tiny("qwen3_vl", text_num_hidden_layers=2)).train()
+    model = VLModel(ModelConfig.tiny("qwen3_vl", text_num_hidden_layers=2))
     randomize_(model, seed=4)
-    input_ids, mask, pixels, grid = make_case("left_padded_images_and_text")
-    positions = our_positions(input_ids, mask, grid)
-    grads = []
-    for flag in (False, True):
-        model.zero_grad()
-        model.gradient_checkpointing = flag
-        model(input_ids, positions, mask, pixels, grid).logsumexp(-1)[mask].sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    grads = gradients_without_and_with_checkpointing(model, *make_case("left_padded_images_and_text"))
     assert grads[0]["visual.deepstack_merger_list.1.linear_fc2.weight"].abs().sum() > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

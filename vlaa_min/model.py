@@ -105,7 +105,7 @@ class DecoderLayer(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Token embeddings, decoder layers, final norm (the hub's `model.*` weights)."""
+    """Token embeddings, decoder layers, final norm (the hub's `model.*` weights; Qwen3's `model.language_model.*`)."""
 
     def __init__(self, config: TextConfig, family: Family):
         super().__init__()
@@ -119,9 +119,9 @@ class LanguageModel(nn.Module):
         blocks of mrope_section pairs (t t .. h h .. w w ..); Qwen3 interleaved: pairs 1, 4, 7, .. go to h and
         2, 5, 8, .. to w, mrope_section[1] and [2] of them, the rest to t (t h w t h w .. t t)."""
         section = self.config.mrope_section
+        pair = torch.arange(sum(section), device=device)  # built on the device: no host copy in a decode step
         if not self.config.mrope_interleaved:
-            return torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(section, device=device))
-        pair = torch.arange(sum(section), device=device)
+            return (pair >= section[0]).long() + (pair >= section[0] + section[1]).long()
         axes = torch.zeros_like(pair)
         for axis in (1, 2):
             axes = axes.masked_fill((pair % 3 == axis) & (pair < 3 * section[axis]), axis)

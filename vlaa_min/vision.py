@@ -209,8 +209,9 @@ class VisionTower(nn.Module):
         super().__init__()
         self.config = config
         self.windowed = family.vision_windows
+        self.position_grid = family.position_grid
         self.patch_embed = PatchEmbed(config, bias=family.position_grid)
-        if family.position_grid:
+        if self.position_grid:
             self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
         self.blocks = nn.ModuleList([VisionBlock(config, family) for _ in range(config.depth)])
         if family.vision_block == "linear_fc":
@@ -245,7 +246,7 @@ class VisionTower(nn.Module):
             )
         device = pixel_values.device
         x = self.patch_embed(pixel_values)  # (N, D)
-        if hasattr(self, "pos_embed"):
+        if self.position_grid:
             side = round(self.config.num_position_embeddings**0.5)
             indices, weights = (t.to(device) for t in position_grid_taps(grids, merge, side))  # (N, 4)
             x = x + (self.pos_embed(indices) * weights[..., None].to(x.dtype)).sum(1)
