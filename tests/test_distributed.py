@@ -2,8 +2,8 @@
 
 The multi-process tests spawn 2 gloo processes on the CPU (torch.multiprocessing) and run the real trainers; the
 one-process runs are the references. The GRPO step (which covers sharded forward/backward, gathered rollouts, the
-sharded reference and every reduction) is in the default suite, and so is Qwen3-VL's DeepStack under FSDP2 (one
-sharded forward/backward with images); the SFT step and checkpoint/resume are `slow`. fp32 everywhere: the only
+sharded reference and every reduction) is in the default suite; the SFT step, checkpoint/resume and Qwen3-VL's
+DeepStack under FSDP2 (one sharded forward/backward with images) are `slow`. fp32 everywhere: the only
 difference left is the order in which float sums are taken (a gradient reduced over 2 ranks adds 2 partial sums
 instead of one running sum), so the tolerances below are a few ulps of fp32 scaled by the number of terms, not
 fitted to a run.
@@ -297,6 +297,7 @@ def _deepstack_gradients(rank_count: int, out) -> None:
         torch.save({"loss": loss.detach(), "grads": grads}, out)
 
 
+@pytest.mark.slow  # spawns 2 processes for one forward/backward: 58 s on a busy 2-core machine
 def test_qwen3_vl_deepstack_under_fsdp2_gives_one_process_gradients(tmp_path):
     _deepstack_gradients(1, tmp_path / "one.pt")
     _run_ranks(2, _deepstack_gradients, 2, tmp_path / "two.pt")

@@ -8,6 +8,7 @@ One model serves the three generations: `FAMILIES` lists, per model_type, the fe
 checkpoints' widths (random weights: benches, memory plans).
 """
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -400,9 +401,10 @@ class ModelConfig:
         """
         if size not in QWEN3_VL:
             raise ValueError(f"ModelConfig.qwen3_vl: size must be one of {sorted(QWEN3_VL)}, got {size!r}")
-        text_fields, vision_fields, tie = QWEN3_VL[size]
-        text = TextConfig(**text_fields, **QWEN3_VL_TEXT_COMMON)
-        vision = VisionConfig(**vision_fields, **QWEN3_VL_VISION_COMMON, out_hidden_size=text.hidden_size)
+        text_fields, vision_fields, tie = copy.deepcopy(QWEN3_VL[size])  # the tables' lists stay untouched
+        text = TextConfig(**text_fields, **copy.deepcopy(QWEN3_VL_TEXT_COMMON))
+        vision = VisionConfig(**vision_fields, **copy.deepcopy(QWEN3_VL_VISION_COMMON),
+                              out_hidden_size=text.hidden_size)
         if layers is not None:
             text.num_hidden_layers = layers
         if vision_depth is not None:
