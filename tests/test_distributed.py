@@ -2,9 +2,11 @@
 
 The multi-process tests spawn 2 gloo processes on the CPU (torch.multiprocessing) and run the real trainers; the
 one-process runs are the references. The GRPO step (which covers sharded forward/backward, gathered rollouts, the
-sharded reference and every reduction) is in the default suite; the SFT step and checkpoint/resume are `slow`. fp32 everywhere: the only difference left is the order in which float sums
-are taken (a gradient reduced over 2 ranks adds 2 partial sums instead of one running sum), so the tolerances
-below are a few ulps of fp32 scaled by the number of terms, not fitted to a run.
+sharded reference and every reduction) is in the default suite; the SFT step, checkpoint/resume and Qwen3-VL's
+DeepStack under FSDP2 (one sharded forward/backward with images) are `slow`. fp32 everywhere: the only
+difference left is the order in which float sums are taken (a gradient reduced over 2 ranks adds 2 partial sums
+instead of one running sum), so the tolerances below are a few ulps of fp32 scaled by the number of terms, not
+fitted to a run.
 """
 
 import json
@@ -22,6 +24,7 @@ import train_grpo
 import train_sft
 from vlaa_min import distributed
 from vlaa_min.cli import ConfigError, UserError
+from vlaa_min.config import ModelConfig
 from vlaa_min.generate import Rollout
 from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import read_metrics
@@ -271,3 +274,36 @@ def test_the_memory_bench_runs_on_the_cpu_for_one_and_two_ranks():
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("1", "off"), ("1", "on"), ("2", "off"), ("2", "on")]
     for row in rows:
         assert all(float(cell) > 0 for cell in row[2:]), row  # every phase ran (no OOM) and was measured
+
+
+def _deepstack_gradients(rank_count: int, out) -> None:
+    """One forward/backward of the tiny Qwen3-VL (DeepStack, images in a left-padded batch, gradient checkpointing)
+    under `distributed.shard`; every rank runs the same batch, so the summed gradients are rank_count times one
+    process's. Rank 0 writes the loss and the full gradients to `out`."""
+    from tests.helpers import randomize_
+    from tests.test_qwen3_vl import make_case, our_positions
+
+    device = distributed.setup("cpu")
+    model = VLModel(ModelConfig.tiny("qwen3_vl", text_num_hidden_layers=2))
+    randomize_(model, seed=4)
+    model.train().gradient_checkpointing = True
+    distributed.shard(model, device)
+    input_ids, mask, pixels, grid = make_case("left_padded_images_and_text")
+    loss = model(input_ids, our_positions(input_ids, mask, grid), mask, pixels, grid).logsumexp(-1)[mask].mean()
+    loss.backward()
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) / rank_count
+             for name, p in model.named_parameters()}
+    if distributed.is_main():
+        torch.save({"loss": loss.detach(), "grads": grads}, out)
+
+
+@pytest.mark.slow  # spawns 2 processes for one forward/backward: 58 s on a busy 2-core machine
+def test_qwen3_vl_deepstack_under_fsdp2_gives_one_process_gradients(tmp_path):
+    _deepstack_gradients(1, tmp_path / "one.pt")
+    _run_ranks(2, _deepstack_gradients, 2, tmp_path / "two.pt")
+    one, two = (torch.load(tmp_path / name) for name in ("one.pt", "two.pt"))
+    torch.testing.assert_close(two["loss"], one["loss"])
+    assert one["grads"].keys() == two["grads"].keys()
+    assert one["grads"]["visual.deepstack_merger_list.1.linear_fc2.weight"].abs().sum() > 0
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)

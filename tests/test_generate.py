@@ -7,7 +7,9 @@ next-token distributions are far from uniform and greedy choices are not near-ti
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration,
+)
 
 from vlaa_min.generate import Engine, SamplingParams, filter_logits, inverse_cdf_sample, sample_tokens
 from vlaa_min.logprobs import sequence_logprobs
@@ -19,9 +21,9 @@ from tests.helpers import randomize_
 
 PAD, EOS, VISION_START, VISION_END, IMAGE, VIDEO = 0, 1, 2, 3, 4, 5  # ModelConfig.tiny's default ids
 VOCAB = 1024
-PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal_patch_size * patch_size^2
 MERGE = 2
-HF_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+HF_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+              "qwen3_vl": Qwen3VLForConditionalGeneration}
 # Prompts of different lengths, with images of different sizes and one without an image.
 MIXED_PROMPTS = [(5, (1, 4, 4)), (11, (1, 8, 6)), (7, None)]
 
@@ -47,9 +49,11 @@ def make_model(model_type: str = "qwen2_5_vl", seed: int = 0, bias: dict[int, fl
     return model
 
 
-def make_batch(specs: list[tuple[int, tuple[int, int, int] | None]], seed: int = 0) -> PromptBatch:
+def make_batch(specs: list[tuple[int, tuple[int, int, int] | None]], seed: int = 0,
+               patch_size: int = 14) -> PromptBatch:
     """Left-padded prompts; each spec is (text tokens, image grid_thw or None). Pixel values are random."""
     generator = torch.Generator().manual_seed(seed)
+    patch_dim = 3 * 2 * patch_size**2  # channels * temporal_patch_size * patch_size^2
     rows, pixels, grids = [], [], []
     for n_text, grid in specs:
         text = torch.randint(VIDEO + 1, VOCAB, (n_text,), generator=generator).tolist()
@@ -58,7 +62,7 @@ def make_batch(specs: list[tuple[int, tuple[int, int, int] | None]], seed: int =
             continue
         t, h, w = grid
         rows.append(text[:2] + [VISION_START] + [IMAGE] * (t * h * w // MERGE**2) + [VISION_END] + text[2:])
-        pixels.append(torch.randn(t * h * w, PATCH_DIM, generator=generator))
+        pixels.append(torch.randn(t * h * w, patch_dim, generator=generator))
         grids.append(torch.tensor(grid))
     lengths = torch.tensor([len(row) for row in rows])
     width = int(lengths.max())
@@ -154,7 +158,7 @@ def generate(model, batch, num_samples, seed=0, device="cpu", compile=False, cud
 @pytest.mark.parametrize("model_type", list(HF_CLASSES))
 def test_greedy_equals_full_recompute_without_cache(model_type):
     model = make_model(model_type)
-    batch = make_batch(MIXED_PROMPTS)
+    batch = make_batch(MIXED_PROMPTS, patch_size=model.config.vision.patch_size)
     rollout = generate(model, batch, 1, max_new_tokens=10, greedy=True)
     assert torch.equal(rollout.completion_ids, greedy_by_recompute(model, batch, 10))
 
@@ -166,7 +170,7 @@ def test_greedy_equals_transformers_generate(model_type, tmp_path):
     model.save_pretrained(tmp_path)
     theirs = HF_CLASSES[model_type].from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     theirs.generation_config.eos_token_id = None  # both run the full max_new_tokens
-    batch = make_batch(MIXED_PROMPTS, seed=1)
+    batch = make_batch(MIXED_PROMPTS, seed=1, patch_size=model.config.vision.patch_size)
 
     rollout = generate(model, batch, 1, max_new_tokens=10, greedy=True)
     with torch.no_grad():

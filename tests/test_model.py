@@ -241,8 +241,9 @@ def test_encode_images_matches_transformers(pair):
     ours, hf = pair
     pixels, grid = images((112, 168), (84, 84))
     with torch.no_grad():
-        a = ours.encode_images(pixels, grid)
+        a, deepstack = ours.encode_images(pixels, grid)
         b = torch.cat(hf.model.get_image_features(pixels, grid).pooler_output)
+    assert deepstack == []
     assert a.shape == (sum(image_tokens(grid)), 128)
     assert (a - b).abs().max().item() <= TOL
 
@@ -440,18 +441,23 @@ def test_grouped_cache_decode_equals_full_forward(pair):
 # --------------------------------------------------------------------------- training-side features
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = VLModel(ModelConfig.tiny(text_num_hidden_layers=2))
-    randomize_(model, seed=4)
+def gradients_without_and_with_checkpointing(model, input_ids, mask, pixels, grid) -> list[dict]:
+    """Every parameter's gradient of one loss over the real tokens, from a plain and a recomputing backward."""
     model.train()
-    input_ids, mask, pixels, grid = make_case("one_image")
     positions = our_positions(input_ids, mask, grid)
     grads = []
     for flag in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = flag
-        model(input_ids, positions, mask, pixels, grid).logsumexp(-1).sum().backward()
+        model(input_ids, positions, mask, pixels, grid).logsumexp(-1)[mask].sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    return grads
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = VLModel(ModelConfig.tiny(text_num_hidden_layers=2))
+    randomize_(model, seed=4)
+    grads = gradients_without_and_with_checkpointing(model, *make_case("one_image"))
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
 

@@ -1,8 +1,8 @@
 """Tests for vlaa_min/tokenizer.py and vlaa_min/processor.py.
 
 Image preprocessing and smart_resize are compared with transformers' Qwen2-VL processor; the
-prompt with our tokenizer's chat template; token-level facts (pad counts, loss mask, padding)
-are recomputed here from their definitions.
+prompt with our tokenizer's chat template, and a Qwen3-VL prompt with Qwen's real tokenizer and transformers' own
+processing; token-level facts (pad counts, loss mask, padding) are recomputed here from their definitions.
 """
 
 import json
@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference_smart_resize
 
+from tests.rehearsal import QWEN3_VL_PREPROCESSOR_CONFIG, reference_prompt, write_tokenizer
 from vlaa_min.processor import SYSTEM_PROMPT, ImageProcessor, Processor, smart_resize
 from vlaa_min.rope import mrope_position_ids
 from vlaa_min.tokenizer import (
@@ -395,3 +396,29 @@ def test_processor_save_and_load(processor, tmp_path):
     # Without preprocessor_config.json the defaults apply.
     (tmp_path / "preprocessor_config.json").unlink()
     assert Processor.from_pretrained(tmp_path).image_processor == ImageProcessor()
+
+
+# --- Qwen3-VL with Qwen's real tokenizer ---------------------------------------------------
+
+
+def test_qwen3_vl_prompt_matches_transformers(tmp_path):
+    """The same image and question through our Processor and through transformers' Qwen3-VL processing, on the hub's
+    files (tests/rehearsal.py writes them: Qwen's real BPE, Qwen3-VL's added tokens, chat template and
+    preprocessor_config.json): the same prompt ids, pixel values and grid."""
+    write_tokenizer(tmp_path, "qwen3_vl")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_PREPROCESSOR_CONFIG))
+    processor = Processor.from_pretrained(tmp_path)
+    assert (processor.image_processor.patch_size, processor.image_processor.image_mean) == (16, (0.5, 0.5, 0.5))
+    question = "How many red circles are there? Answer with a number."
+    for height, width in [(480, 640), (200, 900)]:  # upscaled to 65,536 pixels at least, sides multiples of 32
+        image = random_image(height, width, seed=height)
+        ours = processor.encode_prompt(question, [image])
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text, their_ids, their_images = reference_prompt(tmp_path, messages, [image])
+        assert text == processor.prompt_text(question, 1)
+        assert ours.input_ids == their_ids
+        assert torch.equal(ours.image_grid_thw, their_images["image_grid_thw"])
+        torch.testing.assert_close(ours.pixel_values, their_images["pixel_values"], atol=1e-5, rtol=1e-5)
+        grid = ours.image_grid_thw[0].tolist()
+        assert grid[1] * grid[2] * 16 * 16 >= QWEN3_VL_PREPROCESSOR_CONFIG["size"]["shortest_edge"]

@@ -1,5 +1,6 @@
-"""The real run rehearsed offline (`make rehearse`): Qwen's real tokenizer, Qwen2.5-VL-3B's widths, VLAA-Thinking's
-record layouts, and the real entry points (`make sft`, `make grpo`, `make eval` with MODEL / DATA / IMAGES set).
+"""The real run rehearsed offline (`make rehearse`): Qwen's real tokenizer, Qwen2.5-VL-3B's and Qwen3-VL-2B's widths,
+VLAA-Thinking's record layouts, and the real entry points (`make sft`, `make grpo`, `make eval` with MODEL / DATA /
+IMAGES set).
 
 What it checks, against transformers' Qwen2.5-VL code on the same files (tests/rehearsal.py writes them):
 - the token ids (special tokens, vocabulary padding 151,665 -> 151,936, stop ids) and both config.json layouts;
@@ -7,9 +8,10 @@ What it checks, against transformers' Qwen2.5-VL code on the same files (tests/r
   placeholders = grid / 4, the system prompt's emoji, the assistant-only loss mask ending on <|im_end|>;
 - SFT -> GRPO (paper preset, 2 steps of 2 prompts x G = 4) -> eval finish and write their outputs, at a smaller
   --max-pixels so that a 2-core CPU runs them in minutes;
-- the trained checkpoint loads in Qwen2_5_VLForConditionalGeneration and gives our logits.
-transformers 5's Qwen2_5_VLProcessor needs torchvision (for its video processor); without it the reference is
-the tokenizer's chat template plus transformers' PIL image processor, expanded as that processor does.
+- the trained checkpoint loads in Qwen2_5_VLForConditionalGeneration and gives our logits;
+- for Qwen3-VL-2B (DeepStack, 2 layers): both config.json layouts, then the same SFT -> GRPO -> eval -> parity.
+The prompt reference is tests/rehearsal.py's `reference_prompt` (transformers' processor, or without torchvision its
+tokenizer chat template and PIL image processor).
 """
 
 import json
@@ -21,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 import data
 import train_grpo
-from tests.rehearsal import ADDED_TOKENS, FIRST_ADDED_ID, GENERATION_CONFIG, write_checkpoint, write_records
+from tests.rehearsal import (
+    ADDED_TOKENS, FIRST_ADDED_ID, GENERATION_CONFIG, reference_prompt, write_checkpoint, write_records,
+)
 from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel
 from vlaa_min.presets import make_config
@@ -34,7 +37,8 @@ from vlaa_min.processor import SYSTEM_PROMPT, Processor
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_MAX_PIXELS = 28 * 28 * 64  # at most 64 image tokens per image in the CPU training runs
+# At most 64 image tokens per image in the CPU training runs (a token is 28x28 pixels in Qwen2.5-VL, 32x32 in Qwen3-VL).
+TRAIN_MAX_PIXELS = {Qwen2_5_VLForConditionalGeneration: 28 * 28 * 64, Qwen3VLForConditionalGeneration: 32 * 32 * 64}
 TOL = 1e-4
 
 
@@ -46,25 +50,12 @@ def world(tmp_path_factory):
     return {"root": root, **write_records(root / "data")}
 
 
-def reference_prompt(model_dir: Path, messages: list[dict], images: list[Image.Image]) -> tuple[str, list[int], dict]:
-    """transformers' processing of a chat: rendered text (placeholders not yet expanded), input ids, image tensors."""
-    try:
-        import torchvision  # noqa: F401  (transformers 5's Qwen2.5-VL processor needs it)
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(model_dir)
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = processor(text=[text], images=images, return_tensors="pt")
-        return text, encoded["input_ids"][0].tolist(), encoded
-    except ImportError:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = Qwen2VLImageProcessorPil.from_pretrained(model_dir)(images=images, return_tensors="pt")
-        expanded = text
-        for grid in encoded["image_grid_thw"]:  # what Qwen2_5_VLProcessor.replace_image_token writes
-            expanded = expanded.replace("<|image_pad|>", "<|placeholder|>" * int(grid.prod() // 4), 1)
-        ids = tokenizer(expanded.replace("<|placeholder|>", "<|image_pad|>"))["input_ids"]
-        return text, ids, encoded
+@pytest.fixture(scope="module")
+def qwen3_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rehearsal-qwen3-vl")
+    for layout in ("nested", "legacy"):
+        write_checkpoint(root / f"model-{layout}", layout, family="qwen3_vl")
+    return {"root": root, **write_records(root / "data")}
 
 
 def test_token_ids_and_vocabulary_padding(world):
@@ -172,7 +163,36 @@ def theirs_generation_stops(model_dir: Path) -> list[int]:
 
 
 def test_sft_grpo_eval_end_to_end_then_transformers_logits(world):
-    runs, pixels = world["root"] / "runs", f"--max-pixels {TRAIN_MAX_PIXELS}"
+    sft_grpo_eval_then_parity(world, Qwen2_5_VLForConditionalGeneration)
+
+
+def test_qwen3_vl_config_layouts_load_in_ours_and_transformers(qwen3_world):
+    nested, hub = qwen3_world["root"] / "model-nested", qwen3_world["root"] / "model-legacy"
+    assert "rope_scaling" in json.loads((hub / "config.json").read_text())["text_config"]
+    ours = {layout: VLModel.from_pretrained(path) for layout, path in (("nested", nested), ("hub", hub))}
+    assert ours["nested"].config == ours["hub"].config == ModelConfig.qwen3_vl("2b", layers=2, vision_depth=2)
+    for path in (nested, hub):
+        theirs = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+        text, vision = theirs.config.text_config, theirs.config.vision_config
+        assert (text.hidden_size, text.head_dim, text.num_hidden_layers, theirs.config.tie_word_embeddings) == (
+            2048, 128, 2, True)
+        assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.rope_parameters["mrope_interleaved"]
+        assert vision.deepstack_visual_indexes == [0, 1] and vision.patch_size == 16
+        assert torch.equal(theirs.lm_head.weight, ours["hub"].lm_head.weight)
+        del theirs
+    processor = Processor.from_pretrained(hub)
+    assert (processor.vocab_size, ours["hub"].config.text.vocab_size) == (151669, 151936)  # Qwen3's 26 added tokens
+    assert processor.stop_token_ids == (151645, 151643)
+
+
+def test_qwen3_vl_sft_grpo_eval_end_to_end_then_transformers_logits(qwen3_world):
+    sft_grpo_eval_then_parity(qwen3_world, Qwen3VLForConditionalGeneration)
+
+
+def sft_grpo_eval_then_parity(world, hf_class):
+    """make sft, make grpo (paper preset, 2 steps) and make eval on the hub-layout checkpoint, then the trained
+    checkpoint's logits in transformers' `hf_class` on a real-format record with its image."""
+    runs, pixels = world["root"] / "runs", f"--max-pixels {TRAIN_MAX_PIXELS[hf_class]}"
     make("sft", world, runs, MODEL=world["root"] / "model-legacy", DATA=world["sft"], IMAGES=world["images"],
          ARGS=f"--steps 2 --batch-size 2 --micro-batch-size 1 --eval-size 1 {pixels}")
     sft_rows = [json.loads(line) for line in (runs / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -194,7 +214,7 @@ def test_sft_grpo_eval_end_to_end_then_transformers_logits(world):
     # The trained checkpoint in transformers: the same logits as ours on a real-format record with its image.
     model_dir = runs / "grpo" / "model"
     processor = Processor.from_pretrained(model_dir)
-    assert processor.image_processor.max_pixels == TRAIN_MAX_PIXELS  # the training setting travels with the model
+    assert processor.image_processor.max_pixels == TRAIN_MAX_PIXELS[hf_class]  # the training setting travels too
     assert theirs_generation_stops(model_dir) == [151645, 151643]
     record = data.load_records(world["grpo"], world["images"])[2]
     batch = data.collate_prompts([record], processor, world["images"])
@@ -203,7 +223,7 @@ def test_sft_grpo_eval_end_to_end_then_transformers_logits(world):
         our_logits = ours(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values,
                           batch.image_grid_thw)
     del ours
-    theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    theirs = hf_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         # transformers 5 finds the image tokens for its MRoPE positions through mm_token_type_ids (1 = image).
         their_logits = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),

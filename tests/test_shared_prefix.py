@@ -2,7 +2,8 @@
 
 GRPO re-scores G completions per prompt and SFT batches start with the same system prompt; both run the shared
 part once. These tests check that this is exact: values and parameter gradients match a forward over the whole
-sequences, with images in the prefix, left-padded prompts of different lengths and both model types.
+sequences, with images in the prefix, left-padded prompts of different lengths and every model type (Qwen3-VL's
+DeepStack included).
 """
 
 import pytest
@@ -12,7 +13,7 @@ from vlaa_min.logprobs import completion_logprobs, masked_logprobs, sequence_log
 from vlaa_min.cache import KVCache
 from tests.test_generate import IMAGE, MIXED_PROMPTS, PAD, make_batch, make_model, positions
 
-MODEL_TYPES = ["qwen2_vl", "qwen2_5_vl"]
+MODEL_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -60,7 +61,8 @@ def full_forward_logprobs(model, batch, rows, completion_ids, lengths, temperatu
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_completion_logprobs_equal_full_forward_values_and_gradients(model_type):
     model = make_model(model_type).train()
-    batch = make_batch(MIXED_PROMPTS, seed=1)  # 3 prompts: two images of different sizes, one text only
+    # 3 prompts: two images of different sizes, one text only
+    batch = make_batch(MIXED_PROMPTS, seed=1, patch_size=model.config.vision.patch_size)
     rows = torch.tensor([2, 0, 0, 1, 2, 0, 1])  # several completions per prompt, in any order
     completion_ids, lengths = random_completions(len(rows), 6, seed=2)
     weights = torch.randn(len(rows), 6, generator=torch.Generator().manual_seed(3))  # a generic loss
@@ -96,7 +98,7 @@ def test_completion_logprobs_default_rows_and_gradient_checkpointing():
     assert_same_grads(grads(model), expected_grads)
 
 
-def sft_like_batch(seed: int):
+def sft_like_batch(seed: int, patch_size: int = 14):
     """Right-padded rows that share 9 leading text tokens, then an image, then text with a scored tail."""
     generator = torch.Generator().manual_seed(seed)
     shared = torch.randint(IMAGE + 2, 1024, (9,), generator=generator).tolist()
@@ -112,7 +114,7 @@ def sft_like_batch(seed: int):
     target_mask = attention_mask.clone()
     target_mask[:, :16] = False  # score the tail of each row
     image_grid_thw = torch.tensor([[1, 4, 4]] * len(rows))
-    pixel_values = torch.randn(len(rows) * 16, 3 * 2 * 14 * 14, generator=generator)
+    pixel_values = torch.randn(len(rows) * 16, 3 * 2 * patch_size**2, generator=generator)
     return input_ids, positions(input_ids, attention_mask, image_grid_thw), attention_mask, target_mask, \
         pixel_values, image_grid_thw
 
@@ -132,7 +134,8 @@ def test_shared_prefix_length_stops_at_differences_images_and_targets():
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_masked_logprobs_equal_plain_forward_values_and_gradients(model_type):
     model = make_model(model_type).train()
-    input_ids, position_ids, attention_mask, target_mask, pixel_values, image_grid_thw = sft_like_batch(seed=7)
+    input_ids, position_ids, attention_mask, target_mask, pixel_values, image_grid_thw = sft_like_batch(
+        seed=7, patch_size=model.config.vision.patch_size)
 
     hidden = model(input_ids, position_ids, attention_mask, pixel_values, image_grid_thw, return_hidden=True)
     expected, _ = sequence_logprobs(hidden, input_ids, target_mask, model.lm_head)

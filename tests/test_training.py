@@ -149,20 +149,29 @@ def test_sft_overfits_eight_samples(world, tmp_path):
     assert final["eval_loss"] < 0.1 * unigram_entropy, (final["eval_loss"], unigram_entropy)
 
 
-def test_the_toy_recipe_learns(tmp_path):
-    """`make grpo` scaled down: a small toy world, a short base on the two teachers' answers, then GRPO with the
-    default settings at half the prompts per step. The training reward and the share of responses that reason
-    must rise, and held-out accuracy must move past its noise."""
-    toyworld.build_world(str(tmp_path / "toy"), {"base": 2000, "sft": 4, "rl": 600, "test": 300}, seed=0)
-    build_toy_checkpoint(str(tmp_path / "init"), str(tmp_path / "toy"))
-    images = str(tmp_path / "toy" / "images")
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A small toy world, shared by the recipe's runs of both families."""
+    root = tmp_path_factory.mktemp("toy")
+    toyworld.build_world(str(root), {"base": 2000, "sft": 4, "rl": 600, "test": 300}, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_toy_recipe_learns(toy, tmp_path, model_type):
+    """`make grpo` scaled down, for the toy model of each family (Qwen3-VL: DeepStack and interleaved MRoPE on the
+    toy's images): a short base on the two teachers' answers, then GRPO with the default settings at half the
+    prompts per step. The training reward and the share of responses that reason must rise, and held-out
+    accuracy must move past its noise."""
+    build_toy_checkpoint(str(tmp_path / "init"), str(toy), model_type)
+    images = str(toy / "images")
     base = train_sft.main(train_sft.SFTConfig(
-        model=str(tmp_path / "init"), data=str(tmp_path / "toy" / "base.json"), images=images,
+        model=str(tmp_path / "init"), data=str(toy / "base.json"), images=images,
         out=str(tmp_path / "base"), steps=700, batch_size=16, micro_batch_size=16, lr=1e-3, warmup_ratio=0.05,
         freeze_vision=False, eval_every=0, device="cpu"))
     history = train_grpo.main(train_grpo.GRPOConfig(
-        model=base, data=str(tmp_path / "toy" / "rl.json"), images=images,
-        eval_data=str(tmp_path / "toy" / "test.json"), eval_size=300, out=str(tmp_path / "grpo"), steps=40,
+        model=base, data=str(toy / "rl.json"), images=images,
+        eval_data=str(toy / "test.json"), eval_size=300, out=str(tmp_path / "grpo"), steps=40,
         prompts_per_step=16, train_batch_size=16, micro_batch_size=16, save_every=0, sample_every=0, device="cpu"))
     rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
     before, after = history["before"]["accuracy"], history["after"]["accuracy"]

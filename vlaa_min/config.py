@@ -1,15 +1,56 @@
-"""Configs of Qwen2-VL / Qwen2.5-VL: `VisionConfig`, `TextConfig`, `ModelConfig`.
+"""Configs of Qwen2-VL / Qwen2.5-VL / Qwen3-VL: `Family`, `VisionConfig`, `TextConfig`, `ModelConfig`.
 
-`ModelConfig.from_hf_dict` reads the hub's flat legacy config.json and the nested layout transformers 5 writes;
+One model serves the three generations: `FAMILIES` lists, per model_type, the few components in which they differ
+(vision.py and model.py pick theirs from `config.family`); the numbers of a checkpoint are the two sub-configs.
+`ModelConfig.from_hf_dict` reads the hub's config.json layouts and the nested one transformers 5 writes;
 `to_hf_dict` writes the nested layout. `ModelConfig.tiny` is the ~1M-parameter config of the tests and the toy world;
-`ModelConfig.qwen2_5_vl("3b" | "7b")` gives the released checkpoints' widths (random weights: benches, memory plans).
+`ModelConfig.qwen2_5_vl("3b" | "7b")` and `ModelConfig.qwen3_vl("2b" | "4b" | "8b")` give the released
+checkpoints' widths (random weights: benches, memory plans).
 """
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+@dataclass(frozen=True)
+class Family:
+    """The components in which the Qwen-VL generations differ; everything not named here is shared."""
+
+    architecture: str  # transformers' class, written into config.json
+    vision_block: str  # "clip": LayerNorm, fc1 -> act -> fc2 | "swiglu": RMSNorm, SwiGLU | "linear_fc": LayerNorm,
+    #                    linear_fc1 -> act -> linear_fc2 (the patch merger follows the same norm and names)
+    vision_windows: bool  # windowed attention except at fullatt_block_indexes
+    position_grid: bool  # a learned absolute position grid, resampled to each image, and a bias in the patch embedding
+    qkv_bias: bool  # biases on the decoder's q/k/v projections
+    qk_norm: bool  # per-head RMSNorm on q and k before rotary
+    text_prefix: str  # where the checkpoint's decoder tensors live (model.embed_tokens.weight, ...)
+    vision_prefix: str
+
+
+LEGACY_NAMES = dict(text_prefix="model.", vision_prefix="visual.")  # the hub's Qwen2/2.5-VL files (transformers 5 too)
+FAMILIES = {
+    "qwen2_vl": Family("Qwen2VLForConditionalGeneration", vision_block="clip", vision_windows=False,
+                       position_grid=False, qkv_bias=True, qk_norm=False, **LEGACY_NAMES),
+    "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", vision_block="swiglu", vision_windows=True,
+                         position_grid=False, qkv_bias=True, qk_norm=False, **LEGACY_NAMES),
+    # Qwen3-VL also adds DeepStack (VisionConfig.deepstack_visual_indexes) and interleaved MRoPE
+    # (TextConfig.mrope_interleaved): numbers in its config.json, checked below to be off for the others.
+    "qwen3_vl": Family("Qwen3VLForConditionalGeneration", vision_block="linear_fc", vision_windows=False,
+                       position_grid=True, qkv_bias=False, qk_norm=True, text_prefix="model.language_model.",
+                       vision_prefix="model.visual."),
+}
+MODEL_TYPES = tuple(FAMILIES)
+# Known relatives this code does not implement: named, so that loading one stops before any weight is read.
+UNSUPPORTED_MODEL_TYPES = {"qwen3_vl_moe": "Qwen3-VL-MoE (a mixture-of-experts decoder)"}
+
+
+def _check_model_type(model_type, where: str) -> None:
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{where}: {UNSUPPORTED_MODEL_TYPES[model_type]}, model_type {model_type!r}, is not supported "
+                         f"(supported: {MODEL_TYPES})")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{where}: model_type must be one of {MODEL_TYPES}, got {model_type!r}")
 
 
 @dataclass
@@ -31,6 +72,8 @@ class VisionConfig:
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])  # Qwen2.5 only
     tokens_per_second: int = 2  # Qwen2.5 video timing; unused here, kept for the round trip
     rope_theta: float = 10000.0
+    num_position_embeddings: int = 0  # Qwen3 only: the learned position grid, side x side entries (48 x 48)
+    deepstack_visual_indexes: list[int] = field(default_factory=list)  # Qwen3 only: the blocks DeepStack reads
 
     @property
     def head_dim(self) -> int:
@@ -39,7 +82,7 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """The Qwen2 decoder."""
+    """The Qwen2 / Qwen3 decoder."""
 
     vocab_size: int = 151936
     hidden_size: int = 2048
@@ -51,12 +94,14 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])  # (t, h, w) frequency pairs
+    mrope_interleaved: bool = False  # Qwen3: the axes alternate pair by pair (t h w t h w ...) instead of in blocks
     max_position_embeddings: int = 128000
     initializer_range: float = 0.02
+    head_dim: int | None = None  # Qwen3 has its own key; None (Qwen2): hidden_size / num_attention_heads
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
 
 # The released checkpoints' decoders (the vision tower is the same in both): (TextConfig fields, tie_word_embeddings).
@@ -66,6 +111,26 @@ QWEN2_5_VL_TEXT = {
     "7b": (dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4), False),
 }
+# Qwen3-VL-2B/4B/8B-Instruct: (TextConfig fields, VisionConfig fields, tie_word_embeddings). The hub's config.json
+# files cannot be downloaded here: these values are written from their published contents as we know them
+# (transformers' Qwen3VLConfig defaults are the 8B's vision tower); tests/test_model.py checks that transformers
+# builds the same tensors from them, not that they are the hub's numbers.
+QWEN3_VL_TOWER_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=[5, 11, 17])
+QWEN3_VL = {
+    "2b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                num_key_value_heads=8), QWEN3_VL_TOWER_SMALL, True),
+    "4b": (dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8), QWEN3_VL_TOWER_SMALL, True),
+    "8b": (dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8),
+           dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24]), False),
+}
+# What all three share: a 128-wide head, interleaved MRoPE [24, 20, 20] at theta 5e6, 16-pixel patches, a 48 x 48
+# learned position grid and the tanh GELU in the vision tower.
+QWEN3_VL_TEXT_COMMON = dict(vocab_size=151936, head_dim=128, rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                            mrope_interleaved=True, max_position_embeddings=262144)
+QWEN3_VL_VISION_COMMON = dict(num_heads=16, hidden_act="gelu_pytorch_tanh", patch_size=16,
+                              num_position_embeddings=2304, fullatt_block_indexes=[])
 
 
 @dataclass
@@ -86,20 +151,30 @@ class ModelConfig:
     def __post_init__(self):
         self.validate()
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
     def validate(self) -> None:
         text, vision = self.text, self.vision
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"ModelConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
-        if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
+        _check_model_type(self.model_type, "ModelConfig")
+        qwen3 = self.model_type == "qwen3_vl"
+        if text.num_attention_heads % text.num_key_value_heads:
+            raise ValueError(f"TextConfig: num_attention_heads {text.num_attention_heads} must divide into "
+                             f"num_key_value_heads {text.num_key_value_heads}")
+        if not qwen3 and text.head_dim * text.num_attention_heads != text.hidden_size:
             raise ValueError(
-                f"TextConfig: hidden_size {text.hidden_size} must divide into num_attention_heads "
-                f"{text.num_attention_heads}, which must divide into num_key_value_heads {text.num_key_value_heads}"
+                f"TextConfig: {self.model_type} needs head_dim * num_attention_heads = hidden_size, got "
+                f"{text.head_dim} * {text.num_attention_heads} != {text.hidden_size}"
             )
-        if len(text.mrope_section) != 3 or sum(text.mrope_section) != text.head_dim // 2:
+        pairs = text.head_dim // 2
+        if len(text.mrope_section) != 3 or sum(text.mrope_section) != pairs:
             raise ValueError(
-                f"TextConfig.mrope_section {text.mrope_section} must be 3 numbers summing to head_dim/2 = "
-                f"{text.head_dim // 2}"
+                f"TextConfig.mrope_section {text.mrope_section} must be 3 numbers summing to head_dim/2 = {pairs}"
             )
+        if text.mrope_interleaved and 3 * max(text.mrope_section[1:]) > pairs:
+            raise ValueError(f"TextConfig.mrope_section {text.mrope_section}: interleaved, the h and w pairs must fit "
+                             f"into every third of the {pairs} frequency pairs")
         if vision.hidden_size % vision.num_heads or vision.head_dim % 4:
             raise ValueError(
                 f"VisionConfig: hidden_size {vision.hidden_size} / num_heads {vision.num_heads} must give a head_dim "
@@ -110,19 +185,32 @@ class ModelConfig:
                 f"VisionConfig.out_hidden_size {vision.out_hidden_size} != TextConfig.hidden_size {text.hidden_size}"
             )
         merger_window = vision.spatial_merge_size * vision.patch_size
-        if self.model_type == "qwen2_5_vl" and vision.window_size % merger_window:
+        if self.family.vision_windows and vision.window_size % merger_window:
             raise ValueError(
                 f"VisionConfig.window_size {vision.window_size} must be a multiple of patch_size*spatial_merge_size "
                 f"= {merger_window}"
             )
+        side = round(vision.num_position_embeddings**0.5)
+        if self.family.position_grid and (side < 2 or side * side != vision.num_position_embeddings):
+            raise ValueError(f"VisionConfig.num_position_embeddings {vision.num_position_embeddings} must be a "
+                             f"square of a side >= 2 (the learned position grid)")
+        indexes = vision.deepstack_visual_indexes
+        if sorted(set(indexes)) != list(indexes) or any(not 0 <= i < vision.depth for i in indexes):
+            raise ValueError(f"VisionConfig.deepstack_visual_indexes {indexes} must be increasing block indexes "
+                             f"below depth {vision.depth}")
+        if not qwen3 and (indexes or text.mrope_interleaved):
+            raise ValueError(f"{self.model_type} has neither DeepStack nor interleaved MRoPE (Qwen3-VL only)")
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
-        """Read a Hugging Face config.json dict: the hub's flat legacy layout or transformers-5's nested one."""
+        """Read a Hugging Face config.json dict: the hub's layouts or transformers-5's nested one.
+
+        Qwen2/2.5-VL were released flat (text fields at the top, rope_scaling), Qwen3-VL nested with rope_scaling and
+        rope_theta in text_config; transformers 5 writes nested files with rope_parameters.
+        """
         model_type = d.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"config.json: model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-        text_d = d.get("text_config") or d  # nested (transformers 5) or flat (hub legacy)
+        _check_model_type(model_type, "config.json")
+        text_d = d.get("text_config") or d  # nested or flat (hub legacy)
         vision_d = d.get("vision_config") or {}
 
         def pick(key, default=None):
@@ -135,6 +223,8 @@ class ModelConfig:
         if text_d.get("use_sliding_window"):
             raise ValueError("config.json: use_sliding_window=true is not supported (no Qwen2-VL checkpoint uses it)")
         rope = text_d.get("rope_parameters") or text_d.get("rope_scaling") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", "mrope"):
+            raise ValueError(f"config.json: rope_type {rope['rope_type']!r} is not supported (only Qwen's plain MRoPE)")
         text = TextConfig(
             vocab_size=text_d["vocab_size"],
             hidden_size=text_d["hidden_size"],
@@ -146,8 +236,10 @@ class ModelConfig:
             rms_norm_eps=text_d.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", text_d.get("rope_theta", 1000000.0)),
             mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
+            mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
             max_position_embeddings=text_d.get("max_position_embeddings", 32768),
             initializer_range=text_d.get("initializer_range", 0.02),
+            head_dim=text_d.get("head_dim"),
         )
         vision_rope = vision_d.get("rope_parameters") or {}
         common = dict(
@@ -167,7 +259,7 @@ class ModelConfig:
                 out_hidden_size=vision_d.get("hidden_size", text.hidden_size),
                 **common,
             )
-        else:
+        elif model_type == "qwen2_5_vl":
             vision = VisionConfig(
                 hidden_size=vision_d["hidden_size"],
                 intermediate_size=vision_d.get("intermediate_size", 3420),
@@ -176,6 +268,17 @@ class ModelConfig:
                 window_size=vision_d.get("window_size", 112),
                 fullatt_block_indexes=list(vision_d.get("fullatt_block_indexes", [7, 15, 23, 31])),
                 tokens_per_second=vision_d.get("tokens_per_second", 2),
+                **common,
+            )
+        else:
+            vision = VisionConfig(
+                hidden_size=vision_d["hidden_size"],
+                intermediate_size=vision_d["intermediate_size"],
+                hidden_act=vision_d.get("hidden_act", "gelu_pytorch_tanh"),
+                out_hidden_size=vision_d.get("out_hidden_size", text.hidden_size),
+                fullatt_block_indexes=[],
+                num_position_embeddings=vision_d.get("num_position_embeddings", 2304),
+                deepstack_visual_indexes=list(vision_d.get("deepstack_visual_indexes", [])),
                 **common,
             )
         tie = bool(d.get("tie_word_embeddings") or text_d.get("tie_word_embeddings"))
@@ -197,6 +300,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict:
         """The nested config.json layout transformers 5 writes (and loads unchanged)."""
         text, vision = self.text, self.vision
+        rope = {"rope_type": "default", "type": "mrope", "mrope_section": list(text.mrope_section),
+                "rope_theta": text.rope_theta}
         text_d = {
             "model_type": f"{self.model_type}_text",
             "vocab_size": text.vocab_size,
@@ -209,13 +314,7 @@ class ModelConfig:
             "rms_norm_eps": text.rms_norm_eps,
             "max_position_embeddings": text.max_position_embeddings,
             "initializer_range": text.initializer_range,
-            "use_sliding_window": False,
-            "rope_parameters": {
-                "rope_type": "default",
-                "type": "mrope",
-                "mrope_section": list(text.mrope_section),
-                "rope_theta": text.rope_theta,
-            },
+            "rope_parameters": rope,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
@@ -247,12 +346,23 @@ class ModelConfig:
                 hidden_size=vision.hidden_size,
                 intermediate_size=vision.intermediate_size,
                 out_hidden_size=vision.out_hidden_size,
+            )
+        if self.model_type == "qwen3_vl":
+            text_d.update(head_dim=text.head_dim, attention_bias=False)
+            rope.update(mrope_interleaved=text.mrope_interleaved)
+            del rope["type"]
+            vision_d.update(num_position_embeddings=vision.num_position_embeddings,
+                            deepstack_visual_indexes=list(vision.deepstack_visual_indexes))
+        else:
+            text_d["use_sliding_window"] = False
+        if self.model_type == "qwen2_5_vl":
+            vision_d.update(
                 window_size=vision.window_size,
                 fullatt_block_indexes=list(vision.fullatt_block_indexes),
                 tokens_per_second=vision.tokens_per_second,
             )
         return {
-            "architectures": [ARCHITECTURES[self.model_type]],
+            "architectures": [self.family.architecture],
             "model_type": self.model_type,
             "dtype": self.torch_dtype,
             "image_token_id": self.image_token_id,
@@ -284,6 +394,25 @@ class ModelConfig:
         return cls(text=text, vision=vision, tie_word_embeddings=tie, torch_dtype="bfloat16")
 
     @classmethod
+    def qwen3_vl(cls, size: str, layers: int | None = None, vision_depth: int | None = None) -> "ModelConfig":
+        """The widths of Qwen3-VL-2B/4B/8B-Instruct (see QWEN3_VL); layers / vision_depth cut the depth to fit a CPU.
+
+        A cut vision tower feeds DeepStack from its first blocks, one per DeepStack merger that fits.
+        """
+        if size not in QWEN3_VL:
+            raise ValueError(f"ModelConfig.qwen3_vl: size must be one of {sorted(QWEN3_VL)}, got {size!r}")
+        text_fields, vision_fields, tie = copy.deepcopy(QWEN3_VL[size])  # the tables' lists stay untouched
+        text = TextConfig(**text_fields, **copy.deepcopy(QWEN3_VL_TEXT_COMMON))
+        vision = VisionConfig(**vision_fields, **copy.deepcopy(QWEN3_VL_VISION_COMMON),
+                              out_hidden_size=text.hidden_size)
+        if layers is not None:
+            text.num_hidden_layers = layers
+        if vision_depth is not None:
+            vision.depth = vision_depth
+            vision.deepstack_visual_indexes = list(range(min(vision_depth, len(vision.deepstack_visual_indexes))))
+        return cls(model_type="qwen3_vl", text=text, vision=vision, tie_word_embeddings=tie, torch_dtype="bfloat16")
+
+    @classmethod
     def tiny(
         cls,
         model_type: str = "qwen2_5_vl",
@@ -301,7 +430,7 @@ class ModelConfig:
         overrides: ModelConfig fields by name (tie_word_embeddings=False, bos_token_id=...), and
         sub-config fields prefixed with text_ / vision_ (text_num_hidden_layers=2, vision_depth=1).
         """
-        text = TextConfig(
+        text = dict(
             vocab_size=vocab_size,
             hidden_size=128,
             intermediate_size=384,
@@ -311,17 +440,23 @@ class ModelConfig:
             mrope_section=[4, 6, 6],  # Qwen's [16, 24, 24] scaled to head_dim 32
             max_position_embeddings=4096,
         )
-        vision = VisionConfig(
-            depth=2,
-            hidden_size=64,
-            num_heads=4,
-            intermediate_size=128,
-            hidden_act="silu" if model_type == "qwen2_5_vl" else "quick_gelu",
-            out_hidden_size=128,
-        )
+        vision = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=128, out_hidden_size=128,
+                      hidden_act={"qwen2_vl": "quick_gelu", "qwen2_5_vl": "silu"}.get(model_type, "gelu_pytorch_tanh"))
         if model_type == "qwen2_5_vl":
-            vision.window_size = 56  # 2x2 merged tokens per window: windows matter already on 112x112 images
-            vision.fullatt_block_indexes = [1]  # block 0 attends within windows, block 1 to the whole image
+            vision.update(
+                window_size=56,  # 2x2 merged tokens per window: windows matter already on 112x112 images
+                fullatt_block_indexes=[1],  # block 0 attends within windows, block 1 to the whole image
+            )
+        if model_type == "qwen3_vl":
+            # head_dim 48 != hidden_size / heads, as in Qwen3-VL-4B (2560 / 32 = 80, head_dim 128).
+            text.update(head_dim=48, mrope_section=[10, 7, 7], mrope_interleaved=True, rope_theta=5000000.0)
+            vision.update(
+                depth=3,
+                patch_size=16,
+                fullatt_block_indexes=[],
+                num_position_embeddings=16,  # a 4 x 4 grid: every image's grid differs from it and is resampled
+                deepstack_visual_indexes=[0, 1],  # into decoder layers 0 and 1
+            )
         top = dict(
             model_type=model_type,
             image_token_id=image_token_id,
@@ -335,14 +470,15 @@ class ModelConfig:
             torch_dtype="float32",
         )
         top_fields = {f.name for f in dataclasses.fields(cls)} - {"text", "vision"}
+        sub_fields = {"text": {f.name for f in dataclasses.fields(TextConfig)},
+                      "vision": {f.name for f in dataclasses.fields(VisionConfig)}}
+        subs = {"text": text, "vision": vision}
         for key, value in overrides.items():
             sub, _, name = key.partition("_")
             if key in top_fields:
                 top[key] = value
-            elif sub == "text" and hasattr(text, name) and name != "head_dim":
-                setattr(text, name, value)
-            elif sub == "vision" and hasattr(vision, name) and name != "head_dim":
-                setattr(vision, name, value)
+            elif name in sub_fields.get(sub, ()):
+                subs[sub][name] = value
             else:
                 raise TypeError(f"ModelConfig.tiny: unknown override {key!r}")
-        return cls(text=text, vision=vision, **top)
+        return cls(text=TextConfig(**text), vision=VisionConfig(**vision), **top)

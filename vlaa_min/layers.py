@@ -26,7 +26,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "quick_gelu": QuickGELU}
+ACTIVATIONS = {
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "quick_gelu": QuickGELU,
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),  # Qwen3-VL's vision tower
+}
 
 
 def activation(name: str) -> nn.Module:

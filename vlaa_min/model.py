@@ -1,17 +1,19 @@
-"""Qwen2-VL and Qwen2.5-VL for causal LM, written out: the MRoPE decoder, VLModel and its checkpoints.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL for causal LM, written out: the MRoPE decoder, VLModel and its checkpoints.
 
 What is in here, top to bottom (the configs live in config.py, the vision tower in vision.py, the past
 keys/values in cache.py):
-  * the language model: a Qwen2 decoder (GQA, RMSNorm, SwiGLU, q/k/v bias) with MRoPE. Its attention
-    projects, rotates, then attends causally over the new tokens, or, given a `past` (cache.py), lets the past
-    attend: a `PrefixKV` (training, a shared prefix run once), a `KVCache` (the engine's prefill) or a
-    `GroupedKVCache` (the engine's decode steps);
-  * `VLModel`: the image features scattered into the <|image_pad|> positions, the decoder, the tied or
-    untied lm_head; `forward` gives logits (or hidden states), `encode_prefix` a PrefixKV;
+  * the language model: a Qwen2 decoder (GQA, RMSNorm, SwiGLU) with MRoPE; what Qwen3 changes is picked by
+    `config.family` (config.py): q/k/v biases (Qwen2) or per-head q/k RMSNorm (Qwen3), and from the config the
+    MRoPE layout (blocks or interleaved) and DeepStack. Its attention projects, rotates, then attends causally
+    over the new tokens, or, given a `past` (cache.py), lets the past attend: a `PrefixKV` (training, a shared
+    prefix run once), a `KVCache` (the engine's prefill) or a `GroupedKVCache` (the engine's decode steps);
+  * `VLModel`: the image features scattered into the <|image_pad|> positions (and Qwen3's DeepStack features
+    added to them after the first decoder layers), the decoder, the tied or untied lm_head; `forward` gives
+    logits (or hidden states), `encode_prefix` a PrefixKV;
   * `VLModel.from_pretrained` / `save_pretrained`: Hugging Face checkpoints (config.json + safetensors,
     single file or sharded), the ones transformers loads and saves.
 
-The paper trains the released Qwen2-VL / Qwen2.5-VL checkpoints, so this is their architecture
+The paper trains the released Qwen2-VL / Qwen2.5-VL checkpoints, so this is their architecture (and Qwen3-VL's)
 unchanged (its logits match transformers' in fp32: tests/test_model.py). Differences from
 transformers' code: images only (no videos); sliding-window attention in the decoder (off in every
 released checkpoint) is refused; all attention goes through torch's scaled_dot_product_attention; a
@@ -35,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlaa_min.cache import GroupedKVCache, KVCache, Past, PrefixKV, causal_mask, fold_mask, grouped_attention
 from vlaa_min.checkpoint import atomic_directory, load_state_dict, save_state_dict
-from vlaa_min.config import ModelConfig, TextConfig
+from vlaa_min.config import Family, ModelConfig, TextConfig
 from vlaa_min.layers import RMSNorm, SwiGLU, apply_rotary, inverse_frequencies
 from vlaa_min.vision import VisionTower
 
@@ -55,16 +57,20 @@ def _dtype_from_name(name: str | torch.dtype) -> torch.dtype:
 class Attention(nn.Module):
     """Causal grouped-query self-attention with MRoPE, over the new tokens or a past and the new tokens."""
 
-    def __init__(self, config: TextConfig, layer_index: int):
+    def __init__(self, config: TextConfig, family: Family, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=family.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=family.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=family.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qk_norm = family.qk_norm
+        if self.qk_norm:  # one RMSNorm over each head's Dh, shared by the heads
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, past: Past | None = None, cache_position: torch.Tensor | None = None):
         """x (B, T, D) -> output (B, T, D), and this layer's new keys/values (B, Hkv, T, Dh) after rotary (what
@@ -73,6 +79,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is None:
             out = grouped_attention(q, k, v, mask)  # (B, H, T, Dh)
@@ -82,10 +90,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, layer_index: int):
+    def __init__(self, config: TextConfig, family: Family, layer_index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
+        self.self_attn = Attention(config, family, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False)
 
@@ -97,48 +105,69 @@ class DecoderLayer(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Token embeddings, decoder layers, final norm (the hub's `model.*` weights)."""
+    """Token embeddings, decoder layers, final norm (the hub's `model.*` weights; Qwen3's `model.language_model.*`)."""
 
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, family: Family):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config, family, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def frequency_axes(self, device: torch.device) -> torch.Tensor:
+        """(Dh/2,) long: the position axis (0 = t, 1 = h, 2 = w) each frequency pair rotates by. Qwen2: contiguous
+        blocks of mrope_section pairs (t t .. h h .. w w ..); Qwen3 interleaved: pairs 1, 4, 7, .. go to h and
+        2, 5, 8, .. to w, mrope_section[1] and [2] of them, the rest to t (t h w t h w .. t t)."""
+        section = self.config.mrope_section
+        pair = torch.arange(sum(section), device=device)  # built on the device: no host copy in a decode step
+        if not self.config.mrope_interleaved:
+            return (pair >= section[0]).long() + (pair >= section[0] + section[1]).long()
+        axes = torch.zeros_like(pair)
+        for axis in (1, 2):
+            axes = axes.masked_fill((pair % 3 == axis) & (pair < 3 * section[axis]), axis)
+        return axes
+
     def mrope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, Dh): frequency pair i rotates by the t, h or w position depending on
-        which mrope_section it falls in."""
+        """cos, sin (B, 1, T, Dh): frequency pair i rotates by the t, h or w position `frequency_axes` gives it."""
         inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta, position_ids.device)
         angles = position_ids[..., None].float() * inv_freq  # (3, B, T, Dh/2)
-        sections = angles.split(self.config.mrope_section, dim=-1)
-        angles = torch.cat([section[axis] for axis, section in enumerate(sections)], dim=-1)  # (B, T, Dh/2)
+        axes = self.frequency_axes(position_ids.device).expand(1, *angles.shape[1:])  # (1, B, T, Dh/2)
+        angles = angles.gather(0, axes)[0]  # (B, T, Dh/2)
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, Dh)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, embeds, position_ids, mask, past: Past | None, cache_position, gradient_checkpointing: bool):
-        """embeds (B, T, D), mask (B, 1, T, S) -> final-normed hidden states (B, T, D), every layer's new k/v."""
+    def forward(self, embeds, position_ids, mask, past: Past | None, cache_position, gradient_checkpointing: bool,
+                deepstack: list[torch.Tensor] = (), image_positions: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """embeds (B, T, D), mask (B, 1, T, S) -> final-normed hidden states (B, T, D), every layer's state.
+
+        deepstack: Qwen3's features (N_img, D) per DeepStack block, added after decoder layer i to the hidden states
+        at image_positions (the <|image_pad|> tokens' (row, column) indices, in the features' order). A layer's
+        state is what a past keeps for it: an attention layer's new keys/values (a layer kind with a recurrent
+        state would return that state here, and its past would hand it back)."""
         cos, sin = self.mrope(position_ids, embeds.dtype)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         mask = fold_mask(mask, groups)  # once for all layers
         # Caches are written in place, so only training forwards (no past, or a prefix) are recomputed.
         recompute = gradient_checkpointing and self.training and (past is None or isinstance(past, PrefixKV))
         x = embeds  # (B, T, D)
-        layers_kv = []
-        for layer in self.layers:
+        layer_states = []
+        for index, layer in enumerate(self.layers):
             if recompute:
-                x, new_kv = checkpoint(layer, x, cos, sin, mask, past, cache_position, use_reentrant=False)
+                x, state = checkpoint(layer, x, cos, sin, mask, past, cache_position, use_reentrant=False)
             else:
-                x, new_kv = layer(x, cos, sin, mask, past, cache_position)
-            layers_kv.append(new_kv)
-        return self.norm(x), layers_kv
+                x, state = layer(x, cos, sin, mask, past, cache_position)
+            layer_states.append(state)
+            if index < len(deepstack):  # DeepStack: a middle vision block's view of each image token
+                x = x.index_put(image_positions, deepstack[index].to(x.dtype), accumulate=True)
+        return self.norm(x), layer_states
 
 
 # --------------------------------------------------------------------------- the whole model
 
 
 def _hf_to_ours(name: str) -> str | None:
-    """Our parameter name for a checkpoint tensor name (hub legacy or transformers-5 layout)."""
+    """Our parameter name for a checkpoint tensor name (either family's layout: model.* / visual.*, or
+    model.language_model.* / model.visual.*)."""
     for prefix, ours in (
         ("model.language_model.", "language_model."),
         ("model.visual.", "visual."),
@@ -151,22 +180,25 @@ def _hf_to_ours(name: str) -> str | None:
     return None
 
 
-def _ours_to_hf(name: str) -> str:
-    """The hub's legacy names (what transformers 5 itself writes): model.*, visual.*, lm_head.*."""
-    if name.startswith("language_model."):
-        return "model." + name[len("language_model.") :]
+def _ours_to_hf(name: str, family: Family) -> str:
+    """The family's hub names (what transformers 5 itself writes): Qwen2/2.5 model.*, visual.*; Qwen3
+    model.language_model.*, model.visual.*; lm_head.* for both."""
+    for ours, prefix in (("language_model.", family.text_prefix), ("visual.", family.vision_prefix)):
+        if name.startswith(ours):
+            return prefix + name[len(ours) :]
     return name
 
 
 class VLModel(nn.Module):
-    """Qwen2-VL / Qwen2.5-VL for causal LM: `visual` (vision tower + merger), `language_model`, `lm_head`."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL for causal LM: `visual` (vision tower + mergers), `language_model`,
+    `lm_head`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
         self.config = config
-        self.visual = VisionTower(config.vision, config.model_type)
-        self.language_model = LanguageModel(config.text)
+        self.visual = VisionTower(config.vision, config.family)
+        self.language_model = LanguageModel(config.text, config.family)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
@@ -181,8 +213,9 @@ class VLModel(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """(N_patches, C*T*P*P), (I, 3) -> (N_image_tokens, D) features, images in order."""
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """(N_patches, C*T*P*P), (I, 3) -> (N_image_tokens, D) features, images in order, and the DeepStack
+        features, one such tensor per deepstack_visual_indexes block ([] before Qwen3)."""
         self.visual.gradient_checkpointing = self.gradient_checkpointing
         return self.visual(pixel_values, image_grid_thw)
 
@@ -237,10 +270,12 @@ class VLModel(nn.Module):
 
         embeds = self.language_model.embed_tokens(input_ids)  # (B, T, D)
         image_mask = input_ids == self.config.image_token_id  # (B, T)
+        deepstack, image_positions = [], None
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise ValueError("forward: pixel_values given without image_grid_thw")
-            features = self.encode_images(pixel_values, image_grid_thw).to(embeds.dtype)  # (N_img, D)
+            features, deepstack = self.encode_images(pixel_values, image_grid_thw)
+            features = features.to(embeds.dtype)  # (N_img, D)
             n_tokens = int(image_mask.sum())
             if n_tokens != features.shape[0]:
                 raise ValueError(
@@ -248,13 +283,18 @@ class VLModel(nn.Module):
                     f"but the images give {features.shape[0]} features"
                 )
             embeds = embeds.masked_scatter(image_mask[..., None], features)
+            if deepstack:
+                image_positions = image_mask.nonzero(as_tuple=True)  # row-major: the order masked_scatter fills
         elif not generating and bool(image_mask.any()):  # not checked per decode step: a host sync
             raise ValueError("forward: input_ids hold <|image_pad|> tokens but no pixel_values were given")
+        if not generating and bool((input_ids == self.config.video_token_id).any()):
+            raise ValueError(f"forward: input_ids hold <|video_pad|> tokens (id {self.config.video_token_id}): "
+                             f"video input is not supported, only images")
 
         # (valid key) & (key slot <= query slot), plus the query's own slot; each past knows its slots.
         mask = causal_mask(attention_mask) if past is None else past.mask(attention_mask, cache_position)
         return self.language_model(
-            embeds, position_ids, mask, past, cache_position, self.gradient_checkpointing
+            embeds, position_ids, mask, past, cache_position, self.gradient_checkpointing, deepstack, image_positions
         )  # (B, T, D), per layer (k, v)
 
     # ----------------------------------------------------------------------- checkpoints
@@ -307,7 +347,7 @@ class VLModel(nn.Module):
         """
         self.config.torch_dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
         state_dict = {
-            _ours_to_hf(name): tensor
+            _ours_to_hf(name, self.config.family): tensor
             for name, tensor in (self.state_dict() if state_dict is None else state_dict).items()
             if not (self.config.tie_word_embeddings and name == "lm_head.weight")
         }

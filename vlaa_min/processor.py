@@ -1,11 +1,12 @@
-"""Images and chat text -> the tensors a Qwen2-VL / Qwen2.5-VL model reads.
+"""Images and chat text -> the tensors a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model reads.
 
 - `smart_resize` + `ImageProcessor`: Qwen's image preprocessing. The image is resized so that both sides are
   multiples of 28 (a 2x2 block of 14-pixel patches, which the vision merger turns into one LLM token) and its
   area lies in [min_pixels, max_pixels]; then it is scaled to [0, 1], normalised with OpenAI CLIP's mean/std,
   repeated to 2 frames (the vision tower's patches are 2 frames deep, made for video) and cut into flat patches,
   ordered 2x2 merge block by merge block as the vision tower expects. Output equals transformers'
-  Qwen2VLImageProcessor (tests/test_processor.py checks it).
+  Qwen2VLImageProcessor (tests/test_processor.py checks it). Qwen3-VL uses the same steps with 16-pixel patches
+  (sides multiples of 32) and mean = std = 0.5, all read from its preprocessor_config.json.
 - `Processor`: the chat prompt with the paper's system prompt (ChatML, image placeholders before the question),
   token ids with each <|image_pad|> expanded to one token per merged patch, SFT examples with an assistant-only
   loss mask, and left-/right-padded batches with attention masks built from lengths and MRoPE position ids
@@ -53,6 +54,7 @@ SYSTEM_PROMPT = (
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+QWEN3_VL_MEAN_STD = (0.5, 0.5, 0.5)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 GENERATION_CONFIG = "generation_config.json"
 MAX_ASPECT_RATIO = 200
@@ -138,6 +140,17 @@ class ImageProcessor:
         pixel_values = clip.reshape(grid_h * grid_w, self.patch_dim).contiguous()  # (N, D)
         grid_thw = torch.tensor([1, grid_h, grid_w], dtype=torch.long)
         return pixel_values, grid_thw
+
+    @classmethod
+    def for_model(cls, config) -> "ImageProcessor":
+        """The preprocessing a model's family ships, at the default pixel limits: its patch and merge sizes, and
+        Qwen3-VL's mean = std = 0.5 instead of CLIP's (what a new checkpoint, e.g. the toy model's, writes)."""
+        vision = config.vision
+        normalise = {}
+        if config.model_type == "qwen3_vl":
+            normalise = dict(image_mean=QWEN3_VL_MEAN_STD, image_std=QWEN3_VL_MEAN_STD)
+        return cls(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                   merge_size=vision.spatial_merge_size, **normalise)
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "preprocessor config") -> "ImageProcessor":

@@ -1,4 +1,4 @@
-"""3-D multimodal rotary position ids (MRoPE) for Qwen2-VL / Qwen2.5-VL.
+"""3-D multimodal rotary position ids (MRoPE) for Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
 
 Every token gets three position ids (temporal, height, width):
   * a text token gets the same running index on all three axes;
@@ -7,7 +7,9 @@ Every token gets three position ids (temporal, height, width):
     position the next text token would have had;
   * the text after an image continues at max(all ids so far) + 1.
 This is what transformers' `get_rope_index` computes for images (videos are not
-supported: vlaa-min feeds still images only). Padding positions get 1, as older
+supported: vlaa-min feeds still images only); Qwen3-VL's version, which continues at
+start + max(h, w) / merge, gives the same ids for a one-frame image. Which frequencies
+each axis rotates (blocks or interleaved) is the decoder's business (model.py). Padding positions get 1, as older
 transformers releases did (5.x writes 0); they are masked out of attention either way.
 
 Usage:

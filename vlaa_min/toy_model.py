@@ -1,13 +1,14 @@
-"""The toy world's starting checkpoint: a tokenizer trained on the toy texts and a tiny random Qwen2.5-VL.
+"""The toy world's starting checkpoint: a tokenizer trained on the toy texts and a tiny random Qwen2.5-VL (or Qwen3-VL).
 
 No weights can be downloaded here, so the embedded default starts from scratch: a byte-level BPE trained on every
 text of the toy world (questions, answers, traces, the system prompt) with Qwen's special tokens, and a ~1M
-parameter Qwen2.5-VL-shaped model (ModelConfig.tiny) with random weights. Both are written as one directory laid
+parameter Qwen2.5-VL-shaped model (ModelConfig.tiny; --model-type qwen3_vl for a Qwen3-VL-shaped one, with
+DeepStack) with random weights. Both are written as one directory laid
 out exactly like a real Qwen checkpoint (config.json, model.safetensors, tokenizer files,
 preprocessor_config.json), so the toy model and Qwen2.5-VL-3B load through the same functions. `make base` then
 trains it into the toy "instruct" base with train_sft.py.
 
-    python -m vlaa_min.toy_model --data toy --out runs/toy-init
+    python -m vlaa_min.toy_model --data toy --out runs/toy-init [--model-type qwen3_vl]
 """
 
 import glob
@@ -17,9 +18,9 @@ import os
 import torch
 
 from vlaa_min.cli import FlagParser
-from vlaa_min.config import ModelConfig
+from vlaa_min.config import MODEL_TYPES, ModelConfig
 from vlaa_min.model import VLModel
-from vlaa_min.processor import SYSTEM_PROMPT, Processor
+from vlaa_min.processor import SYSTEM_PROMPT, ImageProcessor, Processor
 from vlaa_min.tokenizer import build_tokenizer, special_token_ids
 
 
@@ -64,7 +65,7 @@ def build_toy_checkpoint(out: str, data_dir: str, model_type: str = "qwen2_5_vl"
     torch.manual_seed(seed)
     model = VLModel(config)
     model.save_pretrained(out)
-    Processor(tokenizer).save_pretrained(out)
+    Processor(tokenizer, ImageProcessor.for_model(config)).save_pretrained(out)
     print(f"wrote {out}: {model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"vocabulary {len(tokenizer)} (trained on {len(texts)} toy texts)")
     return out
@@ -74,7 +75,7 @@ def main() -> None:
     parser = FlagParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="toy", help="toy world directory (its *.json records train the tokenizer)")
     parser.add_argument("--out", default="runs/toy-init", help="checkpoint directory to write")
-    parser.add_argument("--model-type", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--model-type", default="qwen2_5_vl", choices=MODEL_TYPES, help="the family to build")
     parser.add_argument("--vocab-size", type=int, default=1024, help="upper bound of the BPE vocabulary")
     parser.add_argument("--seed", type=int, default=0, help="weight init seed")
     parser.add_argument("--init-std", type=float, default=TOY_INIT_STD, help="weight init std (Qwen: 0.02)")
