@@ -70,8 +70,8 @@ def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str 
                 if points:
                     steps, values = zip(*points)
                     part = name.split("/", 1)[1] if key.endswith("/*") else ""
-                    ax.plot(steps, values, label=" ".join(filter(None, (label if len(runs) > 1 else "", part))),
-                            linewidth=1.2)
+                    run = label if len(runs) > 1 or not part else ""  # one run's per-type lines: the type alone
+                    ax.plot(steps, values, label=" ".join(filter(None, (run, part))), linewidth=1.2)
             if key.endswith("/*"):
                 ax.legend(fontsize=7)
         ax.set_title(key.replace("/*", " per type"))
