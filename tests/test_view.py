@@ -57,12 +57,15 @@ def test_grpo_writes_the_rollout_log(run):
     entries = read_metrics(os.path.join(run.out, "rollouts.jsonl"))
     assert [(e["kind"], e["step"]) for e in entries] == [("eval", 0), ("train", 2), ("probe", 2), ("train", 4),
                                                            ("probe", 4), ("eval", 4)]
+    # The probes: the first `groups` held-out questions answered wrong before training, G samples each.
+    wrong_before = [g["id"] for g in entries[0]["groups"] if not g["completions"][0]["correct"]]
+    assert wrong_before, "a random init should get some of the held-out questions wrong"
     for entry in entries:
         if entry["kind"] == "eval":
             assert [g["id"] for g in entry["groups"]] == ["r100", "r101", "r102", "r103"]  # <= groups x 4 answers
             continue
-        if entry["kind"] == "probe":  # the first `groups` training records, G samples each
-            assert [g["id"] for g in entry["groups"]] == ["r0", "r1"]
+        if entry["kind"] == "probe":
+            assert [g["id"] for g in entry["groups"]] == wrong_before[:2]
             assert all(len(g["completions"]) == run.group_size for g in entry["groups"])
             continue
         assert entry["kl_to"] == "reference" and len(entry["groups"]) == 2
