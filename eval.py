@@ -103,6 +103,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def summarize(records: list[dict], rows: list[dict], samples: int = 1) -> dict:
     """Aggregate evaluate's rows (`samples` per record, record-major) into the report."""
+    reasoning = [reasons(r["response"]) for r in rows]  # (len(rows),) does each response reason first?
     by_type: dict[str, dict] = {}
     for index, record in enumerate(records):
         scored = rows[index * samples : (index + 1) * samples]
@@ -113,18 +114,18 @@ def summarize(records: list[dict], rows: list[dict], samples: int = 1) -> dict:
         row["correct"] += correct / samples
         row["reward"] += sum(r["reward"] for r in scored) / samples
         row["pass"] += pass_at_k(samples, correct, samples)
-        row["reasons"] += sum(reasons(r["response"]) for r in scored) / samples
+        row["reasons"] += sum(reasoning[index * samples : (index + 1) * samples]) / samples
         row["length"] += sum(r["length"] for r in scored) / samples
     per_type = {t: {"n": row["n"], "accuracy": row["correct"] / row["n"], "mean_reward": row["reward"] / row["n"],
                     f"pass@{samples}": row["pass"] / row["n"], "reasoning_share": row["reasons"] / row["n"],
                     "mean_length": row["length"] / row["n"]} for t, row in sorted(by_type.items())}
     total = sum(row["n"] for row in by_type.values())
     texts = [r["response"] for r in rows]
-    reasoned = [r for r in rows if reasons(r["response"])]
-    direct = [r for r in rows if not reasons(r["response"])]
+    reasoned = [r for r, reasoned in zip(rows, reasoning) if reasoned]
+    direct = [r for r, reasoned in zip(rows, reasoning) if not reasoned]
     # Toy records only: of the reasoned responses whose steps can be checked, the share whose answer they give.
     agree = [toyworld.steps_agree(row["response"], records[i // samples]) for i, row in enumerate(rows)
-             if reasons(row["response"]) and records[i // samples].get("meta", {}).get("source") == "toyworld"]
+             if reasoning[i] and records[i // samples].get("meta", {}).get("source") == "toyworld"]
     agree = [a for a in agree if a is not None]
     return {
         "n": total,
