@@ -128,7 +128,7 @@ endif
 # held-out ones, so the numbers compare), or on all of DATA/IMAGES.
 EVAL_MODEL ?= $(if $(MODEL),$(MODEL),$(RUNS)/grpo/model)
 eval: $(STAMP)
-	$(PY) eval.py --model $(EVAL_MODEL) --data $(if $(DATA),$(DATA),$(TOY)/test.json --eval-size $(EVAL_SIZE)) \
+	$(PY) evaluate.py --model $(EVAL_MODEL) --data $(if $(DATA),$(DATA) --open-scorer none,$(TOY)/test.json --eval-size $(EVAL_SIZE)) \
 	  --images $(if $(IMAGES),$(IMAGES),$(TOY)/images) $(ARGS)
 
 plot: $(STAMP)

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import torch
 
 import data
-import eval as evaluation
+import evaluate
 import train_grpo
 import train_sft
-from vlaa_min.cli import UserError, load_config, print_config, run_script
+from vlaa_min.infra.cli import UserError, load_config, print_config, run_script
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
-from vlaa_min.runtime import resolve_device, resolve_dtype
+from vlaa_min.infra.runtime import resolve_device, resolve_dtype
 
 
 @dataclass
@@ -94,11 +94,11 @@ def main(cfg: ControlConfig) -> dict:
     records = records[: grpo_cfg.eval_size] if grpo_cfg.eval_size else records
     device = resolve_device(grpo_cfg.device)
     model = VLModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
-    summary, _ = train_grpo.evaluate_split(model, Processor.from_pretrained(model_dir), None, records, grpo_cfg,
-                                        train_grpo.reward_config(grpo_cfg), resolve_dtype(grpo_cfg.precision, device))
+    summary, _ = train_grpo.evaluate_split(model, Processor.from_pretrained(model_dir), records, grpo_cfg,
+                                           resolve_dtype(grpo_cfg.precision, device))
     rows = {"base": history["before"], f"+ GRPO ({grpo_cfg.steps} steps)": history["after"],
             f"+ SFT on its own data, as many samples ({steps} steps)": summary}
-    table = evaluation.markdown_table(rows)
+    table = evaluate.markdown_table(rows)
     with open(os.path.join(cfg.out, "eval.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(cfg.out, "eval.json"), "w") as f:

@@ -39,7 +39,7 @@ SKIP_REPORT_EXAMPLES = 5  # how many skipped-record messages skip_bad prints
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[A-Za-z_]+\|>")  # Qwen's special tokens: <|im_end|>, <|image_pad|>, ...
 IMAGE_PLACEHOLDER = "<image>"
 # The paper's "aha" words, matched as lower-cased substrings ("check" also catches "checked"): a trace with one
-# goes to the RL file in the pipeline's split step, and eval.py counts them as a reasoning statistic.
+# goes to the RL file in the pipeline's split step, and evaluate.py counts them as a reasoning statistic.
 AHA_WORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
 
 
@@ -264,7 +264,7 @@ def normalise_record(record, where: str, images_root: Path, *, require_answer: b
     """A validated, normalised copy of one raw record; raises DataError naming `where`, the id and the field.
 
     Checks: "question" and "gt" present and strings (a number in "gt" becomes a string; NaN and inf are
-    refused); a known reward type (verifier_type, or the source: vlaa_min/reward_types.py) and a gt the reward
+    refused); a known reward type (verifier_type, or the source: rewards/types.py) and a gt the reward
     can score (rewards.check_sample); no Qwen special-token text ("<|...|>") in the question or answer; an image
     that is safe, exists, decodes, is not a decompression bomb and has an aspect ratio the processor accepts.
     Normalises: "verifier_type" always set, a literal "<image>" removed from the question, "answer" built from

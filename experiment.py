@@ -21,10 +21,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import eval as evaluation
+import evaluate
 import train_grpo
 import train_sft
-from vlaa_min.cli import parse_config, print_config
+from vlaa_min.infra.cli import parse_config, print_config
 from vlaa_min.metrics import plot_curves
 from vlaa_min.presets import make_config
 
@@ -77,7 +77,7 @@ def main(cfg: ExperimentConfig) -> str:
     summaries = {"base": histories["grpo"]["before"]}
     summaries.update({name: histories[f"{name}+grpo"]["before"] for name in sft_models})
     summaries.update({name: history["after"] for name, history in histories.items()})
-    table = evaluation.markdown_table(summaries)
+    table = evaluate.markdown_table(summaries)
     report = os.path.join(cfg.out, "results.md")
     with open(report, "w") as f:
         f.write("Held-out accuracy (%) per reward type, greedy decoding; mean response length in tokens.\n\n")

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from vlaa_min.cli import parse_config, print_config
-from vlaa_min.reward_types import NUMBER_WORDS, SampleError, record_meta
+from rewards.types import NUMBER_WORDS, SampleError, record_meta
+from vlaa_min.infra.cli import parse_config, print_config
 
 VERSION = 3
 IMAGE_SIZE = 112
@@ -141,8 +141,8 @@ def scene_key(objects: list[ToyObject]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring a description against the scene: the open-ended reward's S on toy records (rewards.py's default for a
-# record with meta["scene"], in place of the paper's reward model)
+# Scoring a description against the scene: the open-ended reward's S on toy records (the toy recipe's
+# --open-scorer, in place of the paper's reward model)
 
 COUNT_WORDS = {word: value for word, value in NUMBER_WORDS.items() if 1 <= value <= 10}  # one..ten
 # A counting claim: a count, up to two sizes or colours, then a shape or "shape" / "object" ("2 small red circles").
@@ -165,8 +165,9 @@ class ToySceneScorer:
         objects = scene.get("objects") if isinstance(scene, dict) else None
         if not isinstance(objects, list) or not all(
                 isinstance(item, dict) and {"shape", "color", "size"} <= item.keys() for item in objects):
-            raise SampleError(sample, "meta.scene", "must be {'objects': [{'shape', 'color', 'size', ...}, ...]} "
-                                                    "for ToySceneScorer")
+            raise SampleError(sample, "meta.scene", "must be {'objects': [{'shape', 'color', 'size', ...}, ...]}: "
+                                                    "ToySceneScorer (the toy recipe's --open-scorer) scores toy "
+                                                    "records only; other data: --open-scorer none (token F1)")
         return objects
 
     def score(self, answer: str, sample: dict) -> float:
@@ -319,7 +320,7 @@ BUILDERS = {"digit": count_question, "math": sum_question, "open": open_question
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Do a response's steps produce its answer? (the honesty check of reasoning: eval.py reports it on toy records)
+# Do a response's steps produce its answer? (the honesty check of reasoning: evaluate.py reports it on toy records)
 
 TALLY = re.compile(r"\b(" + "|".join(COLORS) + r"): (\d+)\.")
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)

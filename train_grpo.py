@@ -1,15 +1,9 @@
 """GRPO for vision-language models with the paper's mixed reward: one readable loop.
 
-Each step: rollout -> reward -> advantage -> loss -> update -> log -> eval/save. For every prompt q, G completions
-o_1..o_G are sampled at temperature tau from the policy at rollout time (pi_old), each gets a reward r_i in [0, 1]
-from rewards.py (a missing or repeated <answer> block scores 0: the implicit format reward). Then, with
-pi(o_t) = softmax(logits / tau)[o_t] in every pass (the terms are in vlaa_min/grpo_loss.py):
-
-    A_i  = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-9)                    [advantage]   (--scale-adv-by-std)
-    rho  = pi_theta(o_{i,t}) / pi_old(o_{i,t})                                  [ratio]       rollout log-probs
-    l    = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i)             [clipped PG]  (--clip-low/--clip-high)
-         + beta * KL_t(pi_theta || pi_ref)   (k3: exp(d) - d - 1, d = log pi_ref - log pi_theta)  [KL] (--kl-*)
-    J    = mean over completions of the mean over their tokens of l            [aggregation] (--loss-aggregation)
+Each step: rollout -> reward -> advantage -> reference -> update, then log, eval and save. For every prompt, G
+completions are sampled at temperature tau from the policy at rollout time (pi_old) and each gets a reward in [0, 1]
+from rewards/ (a missing or repeated <answer> block scores 0: the implicit format reward). The objective, term by
+term with the flag of each, is in vlaa_min/grpo_loss.py's docstring; `main` below runs the loop around it.
 
 A rollout of P prompts x G samples is cut into optimizer batches of --train-batch-size samples (micro-batches
 with gradient accumulation; a prompt's samples stay together, so it runs once for all of them), passed over --mu
@@ -29,6 +23,7 @@ prompt's G samples stay on their rank); normaliser, KL controller and metrics ar
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -39,11 +34,9 @@ import torch
 from tqdm import tqdm
 
 import data
-import eval as evaluation
+import evaluate
 import rewards
-from vlaa_min import distributed
-from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
-from vlaa_min.generate import Engine, SamplingParams
+from vlaa_min.generate import Engine, Rollout, SamplingParams
 from vlaa_min.grpo_loss import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -54,15 +47,20 @@ from vlaa_min.grpo_loss import (
     loss_normaliser,
     policy_loss,
 )
+from vlaa_min.infra import distributed
+from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
+from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, open_run,
+                                       release_lock)
+from vlaa_min.infra.runtime import autocast, resolve_dtype, seed_everything
+from vlaa_min.infra.train_state import resume_training, save_checkpoint, save_model
 from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import MetricsLogger, plot_curves
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
 from vlaa_min.rollout_log import RolloutLog
-from vlaa_min.run import check_finite, check_model_dir, check_out_folder, file_sha256, open_run, release_lock
-from vlaa_min.runtime import autocast, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
-from vlaa_min.train_state import resume_training, save_checkpoint, save_model
+
+TOY_SCORER = "toyworld:ToySceneScorer"  # the toy world's open-ended scorer, the default of the toy recipe
 
 # Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
 RESUME_SAFE = frozenset({"eval_every", "eval_batch_size", "save_every", "sample_every", "device", "compile",
@@ -112,8 +110,8 @@ class GRPOConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     # reward
     require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
-    open_scorer: str | None = field(default=None, metadata={"help": "import path module:attr of an open-ended "
-                                                                     "scorer (default: toy scene / token F1)"})
+    open_scorer: str | None = field(default=TOY_SCORER, metadata={"help": "open-ended scorer, module:attr (none = "
+                                                                           "token F1 with gt)"})
     # runtime
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     precision: str = field(default="auto", metadata={"help": "autocast dtype: auto (bf16 on GPU), fp32, bf16"})
@@ -150,44 +148,238 @@ class GRPOConfig:
             raise ConfigError(f"--loss-aggregation in {AGGREGATIONS}, --kl-estimator in {KL_ESTIMATORS}")
 
 
+@dataclass
+class StepBatch:
+    """One step's data, from the rollout to the log: P prompts x G completions, completion n = p * G + g."""
+
+    records: list[dict]  # (P,) the prompts' records
+    prompts: list[dict]  # (P,) their encoded prompts (data.encode_prompt): every re-scoring pass starts from them
+    rollout: Rollout  # (N, L) completion ids and log pi_old, (N,) lengths and prompt_index; on the host
+    texts: list[str] = field(default_factory=list)  # (N,) the decoded completions
+    scores: list[dict] = field(default_factory=list)  # (N,) rewards.compute_rewards' results, plus "reasons"
+    rewards: torch.Tensor | None = None  # (P, G)
+    advantages: torch.Tensor | None = None  # (N,)
+    no_signal: torch.Tensor | None = None  # (P,) bool: the groups whose G rewards are all equal
+    ref_logp: torch.Tensor | None = None  # (N, L) log pi_ref on the device, 0 past each length; None: no KL
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.rollout.completion_lengths  # (N,) the stop token included
+
+    def samples(self) -> list[dict]:
+        """(N,) each completion's record."""
+        return [self.records[int(p)] for p in self.rollout.prompt_index]
+
+
+@dataclass
+class Run:
+    """What every step uses as it is: the settings, the device, the processor, the policy, its engine, the reward."""
+
+    cfg: GRPOConfig
+    device: torch.device
+    precision: torch.dtype
+    processor: Processor
+    policy: VLModel
+    engine: Engine
+    rewards_cfg: rewards.RewardConfig
+
+
 def chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def group_major_order(rows: torch.Tensor, prompt_index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """`rows` in a random order of their prompts, each prompt's samples together: a micro-batch then holds few
-    distinct prompts, and score_completions runs each of them once for all of its samples."""
+def group_major_order(ids: torch.Tensor, prompt_index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Completions `ids` in a random order of their prompts, each prompt's completions together: a micro-batch then
+    holds few distinct prompts, and logprobs_of runs each of them once for all of its completions."""
     prompt_order = torch.randperm(int(prompt_index.max()) + 1, generator=generator)
-    return torch.cat([rows[prompt_index[rows] == prompt] for prompt in prompt_order])
+    return torch.cat([ids[prompt_index[ids] == prompt] for prompt in prompt_order])
 
 
-def score_completions(model, processor, encoded, rows, rollout, cfg, device, precision, with_entropy=False):
-    """Re-score rollout rows (indices into the buffer) under `model`: (n, L) log-probs, entropy, mask."""
-    lengths = rollout.completion_lengths[rows]
+def logprobs_of(model, run: Run, batch: StepBatch, ids: torch.Tensor, with_entropy: bool = False):
+    """Completions `ids` (indices into the batch) re-scored under `model`: (n, width) log-probs, entropy, mask."""
+    lengths = batch.lengths[ids].to(run.device)
     width = int(lengths.max())  # trim the micro-batch to its longest completion
-    distinct, prompt_rows = torch.unique(rollout.prompt_index[rows], return_inverse=True)  # each prompt once
-    prompts = processor.collate_prompts([encoded[int(p)] for p in distinct]).to(device)
-    with autocast(device, precision):
-        logp, entropy = completion_logprobs(model, prompts, rollout.completion_ids[rows, :width].to(device),
-                                            lengths.to(device), cfg.temperature, with_entropy=with_entropy,
-                                            prompt_rows=prompt_rows.to(device))
-    mask = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
+    distinct, prompt_rows = torch.unique(batch.rollout.prompt_index[ids], return_inverse=True)  # each prompt once
+    prompts = run.processor.collate_prompts([batch.prompts[int(p)] for p in distinct]).to(run.device)
+    completions = batch.rollout.completion_ids[ids, :width].to(run.device)
+    with autocast(run.device, run.precision):
+        logp, entropy = completion_logprobs(model, prompts, completions, lengths, run.cfg.temperature,
+                                            with_entropy=with_entropy, prompt_rows=prompt_rows.to(run.device))
+    mask = torch.arange(width, device=run.device)[None, :] < lengths[:, None]
     return logp, entropy, mask
 
 
-def evaluate_split(model, processor, engine, records, cfg, rewards_cfg, precision, rollout_log=None,
-                   step: int = 0) -> dict:
-    # [distributed] each rank answers a contiguous share of the records; the rows are gathered in record order
-    rank, world = distributed.rank(), distributed.world_size()
-    share = records[len(records) * rank // world : len(records) * (rank + 1) // world]
-    with distributed.gathered(model):
-        _, rows = evaluation.evaluate(model, processor, share, cfg.images, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=cfg.eval_batch_size, reward_config=rewards_cfg, engine=engine,
-                                      precision=precision)
-    rows = [row for rank_rows in distributed.all_gather_objects(rows) for row in rank_rows]
-    if rollout_log is not None:
-        rollout_log.log_answers(step, records, rows)
-    return evaluation.summarize(records, rows), rows
+def main(cfg: GRPOConfig) -> dict:
+    device = distributed.setup(cfg.device)  # [distributed] joins torchrun's job if there is one
+    world = distributed.world_size()  # one process: 1
+    check_world_size(cfg, world)
+    print_config(cfg)
+    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
+    check_model_dir(cfg.model)
+    seed_everything(cfg.seed)
+    precision = resolve_dtype(cfg.precision, device)
+    processor = Processor.from_pretrained(cfg.model, cfg.max_pixels)
+    rewards_cfg = reward_config(cfg)
+    records, eval_records = load_data(cfg, processor, rewards_cfg)  # every record checked before anything runs
+
+    # --- models: the policy (fp32 master weights) and, when beta can be > 0, a frozen reference
+    policy, reference = load_models(cfg, device, precision)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    updates_per_step = cfg.mu * cfg.prompts_per_step * cfg.group_size // cfg.train_batch_size
+    scheduler = cosine_with_warmup(optimizer, cfg.steps * updates_per_step, cfg.warmup_ratio, cfg.min_lr_ratio)
+    kl_controller = (AdaptiveKLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
+                     else FixedKLController(cfg.kl_init))
+    sampler = data.EpochSampler(len(records), seed=cfg.seed, rank=distributed.rank(), world_size=world)
+    engine = Engine(policy, pad_token_id=processor.special_ids["pad_token_id"], compile=cfg.compile)
+    sampling = SamplingParams.for_processor(processor, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                            top_p=cfg.top_p)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # rollout sampling
+    shuffler = torch.Generator().manual_seed(cfg.seed + 1)  # order of samples within a rollout buffer
+    run = Run(cfg, device, precision, processor, policy, engine, rewards_cfg)
+    print(f"{len(records)} RL prompts, {len(eval_records)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
+          f"prompts x G={cfg.group_size}; {updates_per_step} update(s) per step")
+
+    # --- the run folder: created only now that the inputs check out; on --resume, the newest checkpoint
+    settings = dataclasses.asdict(cfg) | {"data_sha256": file_sha256(cfg.data),
+                                          "eval_data_sha256": file_sha256(cfg.eval_data)}
+    lock, resumed = open_run(cfg.out, settings, resume=cfg.resume, overwrite=cfg.overwrite, safe=RESUME_SAFE)
+    start_step, history = 0, {}
+    if resumed:
+        state = resume_training(*resumed, policy, optimizer, scheduler, sampler)
+        kl_controller.load_state_dict(state["kl_controller"])
+        generator.set_state(state["generator"])
+        shuffler.set_state(state["shuffler"])
+        start_step, history = state["step"], state["history"]
+    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if resumed else None)
+    rollout_log = RolloutLog(os.path.join(cfg.out, "rollouts.jsonl"), cfg.log_rollouts_every,
+                             cfg.rollout_groups_per_log, resume_step=start_step if resumed else None)
+
+    def save(step: int) -> None:
+        save_checkpoint(cfg.out, step, policy, processor, {
+            "optimizer": distributed.optimizer_state(policy, optimizer), "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(), "kl_controller": kl_controller.state_dict(),
+            "shuffler": shuffler.get_state(), "history": history, "settings": settings},
+            per_rank={"generator": generator.get_state()})
+
+    before_rows, probes = evaluate_before(run, eval_records, records, history, rollout_log)
+    progress = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, desc="grpo",
+                    dynamic_ncols=True, disable=not distributed.is_main())
+    for step in progress:  # 1-based: the step that is running
+        # --- rollout: P prompts, each prefilled once, G samples each
+        t0 = time.perf_counter()
+        step_records = [records[i] for i in sampler.next_batch(cfg.prompts_per_step)]
+        encoded = [data.encode_prompt(r, processor, cfg.images, cfg.max_prompt_length) for r in step_records]
+        policy.eval()
+        with distributed.gathered(policy), autocast(device, precision):  # [distributed] one all-gather per rollout
+            rollout = engine.generate(processor.collate_prompts(encoded).to(device), cfg.group_size, sampling,
+                                      generator)
+        policy.train()
+        batch = StepBatch(step_records, encoded, rollout.to("cpu"))  # rewards and advantages run on the host
+        t1 = time.perf_counter()
+
+        # --- reward: one per completion, by the sample's type
+        batch.texts = [processor.decode(ids[: int(n)].tolist())
+                       for ids, n in zip(batch.rollout.completion_ids, batch.lengths)]
+        batch.scores = rewards.compute_rewards(batch.texts, batch.samples(), config=rewards_cfg)
+        for score, text in zip(batch.scores, batch.texts):
+            score["reasons"] = evaluate.reasons(text)  # for the log: does this completion reason first?
+        batch.rewards = torch.tensor([s["reward"] for s in batch.scores]).view(len(step_records), cfg.group_size)
+        check_finite(step, cfg.out, reward=batch.rewards.sum().item())
+        t2 = time.perf_counter()
+
+        # --- advantage: normalised within each group of G
+        batch.advantages = group_advantages(batch.rewards, cfg.scale_adv_by_std).flatten()  # (N,)
+        batch.no_signal = equal_reward_groups(batch.rewards)  # (P,)
+        trained = torch.arange(len(batch.texts))  # the completions the update trains on
+        if cfg.drop_zero_std_groups:
+            trained = trained[~batch.no_signal[batch.rollout.prompt_index]]
+
+        # --- reference log-probs, once per rollout
+        if reference is not None and len(trained):
+            batch.ref_logp = torch.zeros(batch.rollout.logprobs.shape, device=device)  # (N, L)
+            with torch.no_grad():
+                for micro in chunks(trained, cfg.micro_batch_size):
+                    logp, _, mask = logprobs_of(reference, run, batch, micro)
+                    batch.ref_logp[micro.to(device), : mask.shape[1]] = logp.float()
+
+        # --- policy update: mu passes over the buffer, in optimizer batches of micro-batches
+        totals, updates = defaultdict(float), 0
+        for _ in range(cfg.mu):
+            order = group_major_order(trained, batch.rollout.prompt_index, shuffler)
+            for update_ids in chunks(order, cfg.train_batch_size // world):  # this rank's share of the batch
+                normaliser = distributed.all_reduce_sum(  # [distributed] the whole batch's, over every rank
+                    loss_normaliser(cfg.loss_aggregation, batch.lengths[update_ids], cfg.max_new_tokens))
+                for micro in chunks(update_ids, cfg.micro_batch_size):
+                    logp, entropy, mask = logprobs_of(policy, run, batch, micro, with_entropy=True)
+                    old = batch.rollout.logprobs[micro, : mask.shape[1]].to(device)
+                    ref = batch.ref_logp[micro.to(device), : mask.shape[1]] if batch.ref_logp is not None else None
+                    loss, token_sums = policy_loss(
+                        logp, old, batch.advantages[micro].to(device), mask, clip_low=cfg.clip_low,
+                        clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation, normaliser=normaliser,
+                        beta=kl_controller.value, ref_logp=ref, kl_estimator=cfg.kl_estimator)
+                    loss.backward()
+                    totals["loss"] += loss.item()
+                    totals["tokens"] += int(mask.sum())
+                    totals["entropy"] += float((entropy * mask).sum())
+                    if updates == 0:  # on-policy: trainer and engine must agree (precision drift)
+                        totals["logp_drift"] += float(((logp.detach() - old).abs() * mask).sum())
+                        totals["drift_tokens"] += int(mask.sum())
+                    for name, value in token_sums.items():
+                        totals[name] += float(value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
+                grad_norm = distributed.full_norm(grad_norm)
+                check_finite(step, cfg.out, loss=totals["loss"], grad_norm=float(grad_norm))
+                totals["grad_norm"] += float(grad_norm)
+                updates += 1
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+
+        # --- KL controller: [distributed] it sees the whole step, the sums of every rank
+        if world > 1:
+            totals.update({k: distributed.all_reduce_sum(v) for k, v in totals.items()
+                           if k != "grad_norm"})  # the grad norm is already the same on every rank
+        mean_kl = totals["kl"] / max(totals["tokens"], 1)
+        kl_controller.update(mean_kl, n_samples=distributed.all_reduce_sum(len(trained)))
+        t3 = time.perf_counter()
+
+        # --- log, eval, save
+        if rollout_log.due(step):
+            log_rollout(run, rollout_log, batch, step, probes)
+        row = step_metrics(step, batch, totals, updates, mean_kl, kl_controller.value, scheduler.get_last_lr()[0],
+                           seconds={"generate": t1 - t0, "reward": t2 - t1, "train": t3 - t2})
+        progress.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
+                             len=f"{row['completion_length']:.0f}", kl=f"{mean_kl:.4f}")
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            print_samples(batch)
+        if eval_records and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            summary, _ = evaluate_split(policy, processor, eval_records, cfg, precision, engine, rollout_log, step)
+            row |= {"eval_accuracy": summary["accuracy"]}
+            row |= {f"eval_accuracy/{t}": v["accuracy"] for t, v in summary["per_type"].items()}
+        metrics.log(row)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save(step)
+
+    # --- the end: final eval, checkpoint, model directory, plot
+    if eval_records:
+        evaluate_after(run, eval_records, history, before_rows, rollout_log)
+    save(cfg.steps)
+    final_dir = os.path.join(cfg.out, "model")
+    save_model(final_dir, policy, processor)
+    png = distributed.is_main() and plot_curves(  # [distributed] rank 0 plots
+        {os.path.basename(os.path.normpath(cfg.out)): os.path.join(cfg.out, "metrics.jsonl")},
+        ["reward", "accuracy", "reasoning_share", "completion_length", "reasoning_share/*", "completion_length/*"],
+        os.path.join(cfg.out, "curves.png"), title="GRPO")
+    release_lock(lock)
+    print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png or 'none'}  model: {final_dir}")
+    if cfg.log_rollouts_every:
+        print(f"see what GRPO saw: make view RUN={cfg.out}  (= python -m vlaa_min.view {cfg.out}), then open "
+              f"{cfg.out}/rollouts.html")
+    return history
+
+
+# --- what main calls around the loop: setup, the log, the held-out evals ------------------------------------------
 
 
 def reward_config(cfg: GRPOConfig) -> "rewards.RewardConfig":
@@ -211,19 +403,9 @@ def check_world_size(cfg: GRPOConfig, world: int) -> None:
         raise ConfigError("--drop-zero-std-groups true runs in one process only (ranks would drop different counts)")
 
 
-def main(cfg: GRPOConfig) -> dict:
-    device = distributed.setup(cfg.device)  # [distributed] joins torchrun's job if there is one
-    rank, world = distributed.rank(), distributed.world_size()  # one process: 0, 1
-    check_world_size(cfg, world)
-    print_config(cfg)
-    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
-    check_model_dir(cfg.model)
-    seed_everything(cfg.seed)
-    precision = resolve_dtype(cfg.precision, device)
-
-    # --- data: validated (fields, types, gt for its reward, images, prompt lengths) before anything runs
-    rewards_cfg = reward_config(cfg)
-    processor = Processor.from_pretrained(cfg.model, cfg.max_pixels)
+def load_data(cfg: GRPOConfig, processor: Processor, rewards_cfg) -> tuple[list[dict], list[dict]]:
+    """The RL records and the held-out ones, validated (fields, types, a gt for its reward, images, prompt
+    lengths): a bad record stops the run here, before anything is written."""
     records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reward_config=rewards_cfg)
     records = data.check_prompt_lengths(records, cfg.data, processor, cfg.images, cfg.max_prompt_length,
                                         "--max-prompt-length", leave_room=False, skip_bad=cfg.skip_bad)
@@ -232,13 +414,12 @@ def main(cfg: GRPOConfig) -> dict:
     if cfg.eval_size > len(eval_records) > 0:
         raise ConfigError(f"--eval-size {cfg.eval_size} is more than the {len(eval_records)} records of "
                           f"{cfg.eval_data}")
-    eval_records = eval_records[: cfg.eval_size] if cfg.eval_size else eval_records
-    updates_per_step = cfg.mu * cfg.prompts_per_step * cfg.group_size // cfg.train_batch_size
-    total_updates = cfg.steps * updates_per_step
-    print(f"{len(records)} RL prompts, {len(eval_records)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
-          f"prompts x G={cfg.group_size}; {updates_per_step} update(s) per step")
+    return records, eval_records[: cfg.eval_size] if cfg.eval_size else eval_records
 
-    # --- models: the policy (fp32 master weights) and, when beta can be > 0, a frozen reference
+
+def load_models(cfg: GRPOConfig, device: torch.device, precision: torch.dtype) -> tuple[VLModel, VLModel | None]:
+    """The policy in fp32 (the vision tower frozen unless told) and its frozen copy, the reference (None when
+    beta stays 0), both sharded under torchrun."""
     policy = VLModel.from_pretrained(cfg.model, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.freeze_vision:
@@ -250,233 +431,124 @@ def main(cfg: GRPOConfig) -> dict:
     distributed.shard(policy, device)  # [distributed] FSDP2, the reference sharded the same way; one process: no-op
     if reference is not None:
         distributed.shard(reference, device)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    scheduler = cosine_with_warmup(optimizer, total_updates, cfg.warmup_ratio, cfg.min_lr_ratio)
-    kl_controller = (AdaptiveKLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
-                     else FixedKLController(cfg.kl_init))
-    sampler = data.EpochSampler(len(records), seed=cfg.seed, rank=rank, world_size=world)
-    engine = Engine(policy, pad_token_id=processor.special_ids["pad_token_id"], compile=cfg.compile)
-    sampling = SamplingParams.for_processor(processor, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                            top_p=cfg.top_p)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # rollout sampling
-    shuffler = torch.Generator().manual_seed(cfg.seed + 1)  # order of samples within a rollout buffer
+    return policy, reference
 
-    # --- the run folder: created only now that the inputs check out
-    settings = dataclasses.asdict(cfg) | {"data_sha256": file_sha256(cfg.data),
-                                          "eval_data_sha256": file_sha256(cfg.eval_data)}
-    lock, resumed = open_run(cfg.out, settings, resume=cfg.resume, overwrite=cfg.overwrite, safe=RESUME_SAFE)
-    start_step, history = 0, {}
-    if resumed:
-        state = resume_training(*resumed, policy, optimizer, scheduler, sampler)
-        kl_controller.load_state_dict(state["kl_controller"])
-        generator.set_state(state["generator"])
-        shuffler.set_state(state["shuffler"])
-        start_step, history = state["step"], state["history"]
-    metrics = MetricsLogger(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start_step if resumed else None)
-    rollout_log = RolloutLog(os.path.join(cfg.out, "rollouts.jsonl"), cfg.log_rollouts_every,
-                             cfg.rollout_groups_per_log, resume_step=start_step if resumed else None)
 
-    def save(step: int) -> None:
-        save_checkpoint(cfg.out, step, policy, processor, {
-            "optimizer": distributed.optimizer_state(policy, optimizer), "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(), "kl_controller": kl_controller.state_dict(),
-            "shuffler": shuffler.get_state(), "history": history, "settings": settings},
-            per_rank={"generator": generator.get_state()})
+def step_metrics(step: int, batch: StepBatch, totals: dict, updates: int, kl: float, beta: float, lr: float,
+                 seconds: dict[str, float]) -> dict:
+    """The step's metrics.jsonl row. [distributed] Over the whole step: every rank's rollout is gathered."""
+    rewards_, lengths, no_signal = batch.rewards, batch.lengths, batch.no_signal
+    scores, finish_reasons = batch.scores, batch.rollout.finish_reasons
+    if distributed.world_size() > 1:
+        rewards_, lengths, no_signal = (torch.cat(distributed.all_gather_objects(t))
+                                        for t in (rewards_, lengths, no_signal))
+        scores = sum(distributed.all_gather_objects(scores), [])
+        finish_reasons = sum(distributed.all_gather_objects(finish_reasons), [])
+    n, tokens = len(scores), max(totals["tokens"], 1)
+    row = {
+        "step": step,
+        "reward": rewards_.mean().item(),
+        "reward_std": rewards_.std().item(),
+        "accuracy": sum(s["correct"] for s in scores) / n,
+        "format_failure": sum(s["reason"] == "format" for s in scores) / n,
+        "frac_reward_zero_std": no_signal.float().mean().item(),
+        "completion_length": lengths.float().mean().item(),
+        "reasoning_share": sum(s["reasons"] for s in scores) / n,
+        "completion_length_max": int(lengths.max()),
+        "truncated": sum(r == "length" for r in finish_reasons) / n,
+        "loss": totals["loss"] / max(updates, 1),
+        "kl": kl,
+        "beta": beta,
+        "entropy": totals["entropy"] / tokens,
+        "clip_low": totals["clip_low"] / tokens,
+        "clip_high": totals["clip_high"] / tokens,
+        "logp_drift": totals["logp_drift"] / max(totals["drift_tokens"], 1),
+        "grad_norm": totals["grad_norm"] / max(updates, 1),
+        "lr": lr,
+        **{f"time_{name}": value for name, value in seconds.items()},
+        "gen_tokens_per_s": int(lengths.sum()) / seconds["generate"],
+    }
+    for rtype in sorted({s["type"] for s in scores}):
+        of_type = [i for i, s in enumerate(scores) if s["type"] == rtype]
+        row[f"reward/{rtype}"] = sum(scores[i]["reward"] for i in of_type) / len(of_type)
+        row[f"accuracy/{rtype}"] = sum(scores[i]["correct"] for i in of_type) / len(of_type)
+        row[f"reasoning_share/{rtype}"] = sum(scores[i]["reasons"] for i in of_type) / len(of_type)
+        row[f"completion_length/{rtype}"] = sum(float(lengths[i]) for i in of_type) / len(of_type)
+    return row
 
-    before_rows = None
+
+def print_samples(batch: StepBatch) -> None:
+    """One completion of each reward type, under the progress bar."""
+    shown = {}
+    for text, sample, score in zip(batch.texts, batch.samples(), batch.scores):
+        shown.setdefault(score["type"], (sample, text, score))
+    for rtype, (sample, text, score) in sorted(shown.items()):
+        tqdm.write(f"  [{rtype}] {sample['question'].splitlines()[0]} | gt {sample['gt']} | "
+                   f"reward {score['reward']:.2f}\n    {text[:300]!r}")
+
+
+def log_rollout(run: Run, rollout_log: RolloutLog, batch: StepBatch, step: int, probes: list[dict]) -> None:
+    """The viewer's entries of a logged step: its first groups re-scored after the update, and G fresh samples
+    of each probe (python -m vlaa_min.view)."""
+    cfg = run.cfg
+    def updated_logprobs(ids: torch.Tensor) -> torch.Tensor:
+        return logprobs_of(run.policy, run, batch, ids)[0]
+
+    rollout_log.log_rollout(step, batch, run.processor.tokenizer, updated_logprobs, kl_estimator=cfg.kl_estimator)
+    with distributed.gathered(run.policy):  # [distributed] one all-gather for the probes' generation
+        _, probe_rows = evaluate.evaluate(
+            run.policy, run.processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, reward_config=run.rewards_cfg,
+            seed=cfg.seed, engine=run.engine, precision=run.precision, progress=False)
+    rollout_log.log_answers(step, probes, probe_rows, kind="probe", samples=cfg.group_size)
+
+
+def evaluate_split(model, processor, records, cfg: GRPOConfig, precision, engine=None, rollout_log=None,
+                   step: int = 0) -> tuple[dict, list[dict]]:
+    """Greedy answers to the held-out records under the GRPO run's length budget and reward: (summary, rows)."""
+    # [distributed] each rank answers a contiguous share of the records; the rows are gathered in record order
+    rank, world = distributed.rank(), distributed.world_size()
+    share = records[len(records) * rank // world : len(records) * (rank + 1) // world]
+    with distributed.gathered(model):
+        _, rows = evaluate.evaluate(model, processor, share, cfg.images, max_new_tokens=cfg.max_new_tokens,
+                                    batch_size=cfg.eval_batch_size, reward_config=reward_config(cfg),
+                                    engine=engine, precision=precision)
+    rows = [row for rank_rows in distributed.all_gather_objects(rows) for row in rank_rows]
+    if rollout_log is not None:
+        rollout_log.log_answers(step, records, rows)
+    return evaluate.summarize(records, rows), rows
+
+
+def evaluate_before(run: Run, eval_records: list[dict], records: list[dict], history: dict,
+                    rollout_log: RolloutLog) -> tuple[list[dict] | None, list[dict]]:
+    """The held-out eval before training (not again on resume) and the viewer's probes: held-out questions
+    answered wrong before training, sampled again at each logged step. Returns (the rows, the probes)."""
+    before_rows, groups = None, run.cfg.rollout_groups_per_log
     if eval_records and "before" not in history:
-        history["before"], before_rows = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg,
-                                                        precision, rollout_log, step=0)
-        print("held-out before GRPO:\n" + evaluation.markdown_table({"before": history["before"]}))
-        # The viewer's probes: held-out questions answered wrong before training, sampled again at each logged step.
-        history["probe_ids"] = [row["id"] for row in before_rows if not row["correct"]][: cfg.rollout_groups_per_log]
+        history["before"], before_rows = evaluate_split(run.policy, run.processor, eval_records, run.cfg,
+                                                        run.precision, run.engine, rollout_log, step=0)
+        print("held-out before GRPO:\n" + evaluate.markdown_table({"before": history["before"]}))
+        history["probe_ids"] = [row["id"] for row in before_rows if not row["correct"]][:groups]
     by_id = {record.get("id"): record for record in eval_records}
-    probes = [by_id[i] for i in history.get("probe_ids", [])] or records[: cfg.rollout_groups_per_log]
+    return before_rows, [by_id[i] for i in history.get("probe_ids", [])] or records[:groups]
 
-    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="grpo",
-                    dynamic_ncols=True, disable=not distributed.is_main())
-    for step in progress:
-        # --- rollout: P prompts, each prefilled once, G samples each
-        t0 = time.perf_counter()
-        batch_records = [records[i] for i in sampler.next_batch(cfg.prompts_per_step)]
-        encoded = [data.encode_prompt(r, processor, cfg.images, cfg.max_prompt_length) for r in batch_records]
-        prompts = processor.collate_prompts(encoded).to(device)
-        policy.eval()
-        with distributed.gathered(policy), autocast(device, precision):  # [distributed] one all-gather per rollout
-            rollout = engine.generate(prompts, cfg.group_size, sampling, generator)
-        policy.train()
-        rollout = rollout.to("cpu")  # rewards, advantages and bookkeeping run on the host
-        t1 = time.perf_counter()
 
-        # --- reward: one per completion, by the sample's type
-        lengths = rollout.completion_lengths  # (N,) stop token included
-        texts = [processor.decode(rollout.completion_ids[i, : int(n)].tolist()) for i, n in enumerate(lengths)]
-        samples = [batch_records[int(p)] for p in rollout.prompt_index]
-        scored = rewards.compute_rewards(texts, samples, config=rewards_cfg)
-        for result, text in zip(scored, texts):
-            result["reasons"] = evaluation.reasons(text)  # for the log: does this completion reason first?
-        reward = torch.tensor([s["reward"] for s in scored]).view(len(batch_records), cfg.group_size)  # (P, G)
-        check_finite(step + 1, cfg.out, reward=reward.sum().item())
-        t2 = time.perf_counter()
-
-        # --- advantage: normalised within each group of G
-        advantages = group_advantages(reward, cfg.scale_adv_by_std).flatten()  # (N,)
-        zero_std = equal_reward_groups(reward)  # (P,) groups that carry no signal
-        rows = torch.arange(len(texts))
-        if cfg.drop_zero_std_groups:
-            rows = rows[~zero_std[rollout.prompt_index]]
-
-        # --- reference log-probs, once per rollout
-        ref_logp = None
-        if reference is not None and len(rows):
-            ref_logp = torch.zeros(rollout.logprobs.shape, device=device)  # (N, L), 0 past each length
-            with torch.no_grad():
-                for micro in chunks(rows, cfg.micro_batch_size):
-                    logp, _, mask = score_completions(reference, processor, encoded, micro, rollout, cfg, device,
-                                                      precision)
-                    ref_logp[micro.to(device), : mask.shape[1]] = logp.float()
-
-        # --- policy update: mu passes over the buffer, in optimizer batches of micro-batches
-        sums = defaultdict(float)
-        for _ in range(cfg.mu):
-            order = group_major_order(rows, rollout.prompt_index, shuffler)
-            for update_rows in chunks(order, cfg.train_batch_size // world):  # this rank's share of the batch
-                normaliser = distributed.all_reduce_sum(  # [distributed] the whole batch's, over every rank
-                    loss_normaliser(cfg.loss_aggregation, lengths[update_rows], cfg.max_new_tokens))
-                for micro in chunks(update_rows, cfg.micro_batch_size):
-                    logp, entropy, mask = score_completions(policy, processor, encoded, micro, rollout, cfg, device,
-                                                            precision, with_entropy=True)
-                    width = mask.shape[1]
-                    old = rollout.logprobs[micro, :width].to(device)
-                    ref = ref_logp[micro.to(device), :width] if ref_logp is not None else None
-                    loss, token_sums = policy_loss(
-                        logp, old, advantages[micro].to(device), mask, clip_low=cfg.clip_low,
-                        clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation, normaliser=normaliser,
-                        beta=kl_controller.value, ref_logp=ref, kl_estimator=cfg.kl_estimator)
-                    loss.backward()
-                    sums["loss"] += loss.item()
-                    sums["tokens"] += int(mask.sum())
-                    sums["entropy"] += float((entropy * mask).sum())
-                    if sums["updates"] == 0:  # on-policy: trainer and engine must agree (precision drift)
-                        sums["logp_drift"] += float(((logp.detach() - old).abs() * mask).sum())
-                        sums["drift_tokens"] += int(mask.sum())
-                    for name, value in token_sums.items():
-                        sums[name] += float(value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
-                grad_norm = distributed.full_norm(grad_norm)
-                check_finite(step + 1, cfg.out, loss=sums["loss"], grad_norm=float(grad_norm))
-                sums["grad_norm"] += float(grad_norm)
-                sums["updates"] += 1
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-        # --- [distributed] the KL controller sees the whole step: the sums of every rank
-        if world > 1:
-            sums.update({k: distributed.all_reduce_sum(v) for k, v in sums.items()
-                         if k not in ("grad_norm", "updates")})  # those two are already the same on every rank
-        mean_kl = sums["kl"] / max(sums["tokens"], 1)
-        kl_controller.update(mean_kl, n_samples=distributed.all_reduce_sum(len(rows)))
-        t3 = time.perf_counter()
-
-        # --- rollout log (python -m vlaa_min.view): a few groups re-scored after the update, a few fixed prompts
-        if rollout_log.due(step + 1):
-            def updated_logp(subset):
-                return score_completions(policy, processor, encoded, subset, rollout, cfg, device, precision)[0]
-            rollout_log.log_rollout(step + 1, batch_records, rollout, texts, scored, advantages, ref_logp,
-                                    processor.tokenizer, updated_logp, kl_estimator=cfg.kl_estimator)
-            with distributed.gathered(policy):  # [distributed] one all-gather for the probes' generation
-                _, probe_rows = evaluation.evaluate(
-                    policy, processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,
-                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, reward_config=rewards_cfg,
-                    seed=cfg.seed, engine=engine, precision=precision, progress=False)
-            rollout_log.log_answers(step + 1, probes, probe_rows, kind="probe", samples=cfg.group_size)
-
-        # --- [distributed] the log sees the whole step's rollout, gathered from every rank (after the rollout log,
-        # which reads this rank's own rows; rank 0's is the one written)
-        if world > 1:
-            reward, lengths, zero_std = (torch.cat(distributed.all_gather_objects(t))
-                                         for t in (reward, lengths, zero_std))
-            scored = sum(distributed.all_gather_objects(scored), [])
-            rollout.finish_reasons = sum(distributed.all_gather_objects(rollout.finish_reasons), [])
-
-        # --- log
-        generated = int(lengths.sum())
-        row = {
-            "step": step + 1,
-            "reward": reward.mean().item(),
-            "reward_std": reward.std().item(),
-            "accuracy": sum(s["correct"] for s in scored) / len(scored),
-            "format_failure": sum(s["reason"] == "format" for s in scored) / len(scored),
-            "frac_reward_zero_std": zero_std.float().mean().item(),
-            "completion_length": lengths.float().mean().item(),
-            "reasoning_share": sum(s["reasons"] for s in scored) / len(scored),
-            "completion_length_max": int(lengths.max()),
-            "truncated": sum(r == "length" for r in rollout.finish_reasons) / len(scored),
-            "loss": sums["loss"] / max(sums["updates"], 1),
-            "kl": mean_kl,
-            "beta": kl_controller.value,
-            "entropy": sums["entropy"] / max(sums["tokens"], 1),
-            "clip_low": sums["clip_low"] / max(sums["tokens"], 1),
-            "clip_high": sums["clip_high"] / max(sums["tokens"], 1),
-            "logp_drift": sums["logp_drift"] / max(sums["drift_tokens"], 1),
-            "grad_norm": sums["grad_norm"] / max(sums["updates"], 1),
-            "lr": scheduler.get_last_lr()[0],
-            "time_generate": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
-            "gen_tokens_per_s": generated / (t1 - t0),
-        }
-        for rtype in sorted({s["type"] for s in scored}):
-            of_type = [i for i, s in enumerate(scored) if s["type"] == rtype]
-            row[f"reward/{rtype}"] = sum(scored[i]["reward"] for i in of_type) / len(of_type)
-            row[f"accuracy/{rtype}"] = sum(scored[i]["correct"] for i in of_type) / len(of_type)
-            row[f"reasoning_share/{rtype}"] = sum(scored[i]["reasons"] for i in of_type) / len(of_type)
-            row[f"completion_length/{rtype}"] = sum(float(lengths[i]) for i in of_type) / len(of_type)
-        progress.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
-                             len=f"{row['completion_length']:.0f}", kl=f"{mean_kl:.4f}")
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            shown = {}
-            for text, sample, result in zip(texts, samples, scored):
-                shown.setdefault(result["type"], (sample, text, result))
-            for rtype, (sample, text, result) in sorted(shown.items()):
-                tqdm.write(f"  [{rtype}] {sample['question'].splitlines()[0]} | gt {sample['gt']} | "
-                           f"reward {result['reward']:.2f}\n    {text[:300]!r}")
-
-        # --- eval / save
-        if eval_records and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            summary, _ = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg, precision,
-                                     rollout_log, step=step + 1)
-            row["eval_accuracy"] = summary["accuracy"]
-            row.update({f"eval_accuracy/{t}": v["accuracy"] for t, v in summary["per_type"].items()})
-        metrics.log(row)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save(step + 1)
-
-    # --- the end: final eval, checkpoint, model directory, plot
-    if eval_records:
-        history["after"], after_rows = evaluate_split(policy, processor, engine, eval_records, cfg, rewards_cfg,
-                                                      precision, rollout_log, step=cfg.steps)
-        table = evaluation.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
-        if distributed.is_main():  # [distributed] rank 0 writes the files
-            with open(os.path.join(cfg.out, "eval.md"), "w") as f:
-                f.write(table + "\n")
-            with open(os.path.join(cfg.out, "eval.json"), "w") as f:  # the summaries, for control.py, experiment.py
-                json.dump(history, f, indent=1)
-        print("held-out accuracy (%), greedy:\n" + table)
-        if before_rows is not None:
-            print(evaluation.before_and_after(eval_records, before_rows, after_rows))
-    save(cfg.steps)
-    final_dir = os.path.join(cfg.out, "model")
-    save_model(final_dir, policy, processor)
-    png = distributed.is_main() and plot_curves(  # [distributed] rank 0 plots
-        {os.path.basename(os.path.normpath(cfg.out)): os.path.join(cfg.out, "metrics.jsonl")},
-        ["reward", "accuracy", "reasoning_share", "completion_length", "reasoning_share/*", "completion_length/*"],
-        os.path.join(cfg.out, "curves.png"), title="GRPO")
-    release_lock(lock)
-    print(f"metrics: {cfg.out}/metrics.jsonl  plot: {png or 'none'}  model: {final_dir}")
-    if cfg.log_rollouts_every:
-        print(f"see what GRPO saw: make view RUN={cfg.out}  (= python -m vlaa_min.view {cfg.out}), then open "
-              f"{cfg.out}/rollouts.html")
-    return history
+def evaluate_after(run: Run, eval_records: list[dict], history: dict, before_rows: list[dict] | None,
+                   rollout_log: RolloutLog) -> None:
+    """The held-out eval after training: eval.md and eval.json (for control.py and experiment.py), the table and
+    one question answered before and after."""
+    cfg = run.cfg
+    history["after"], after_rows = evaluate_split(run.policy, run.processor, eval_records, cfg, run.precision,
+                                                  run.engine, rollout_log, step=cfg.steps)
+    table = evaluate.markdown_table({"before GRPO": history["before"], "after GRPO": history["after"]})
+    if distributed.is_main():  # [distributed] rank 0 writes the files
+        with open(os.path.join(cfg.out, "eval.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(cfg.out, "eval.json"), "w") as f:
+            json.dump(history, f, indent=1)
+    print("held-out accuracy (%), greedy:\n" + table)
+    if before_rows is not None:
+        print(evaluate.before_and_after(eval_records, before_rows, after_rows))
 
 
 if __name__ == "__main__":

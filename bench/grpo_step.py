@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train_grpo.py, data.py, rewards.py and toyworld.py are top-level scripts
+sys.path.insert(0, str(REPO))  # train_grpo.py, data.py, rewards/ and toyworld.py are top-level scripts
 
 import data  # noqa: E402
 import rewards  # noqa: E402
 import toyworld  # noqa: E402
 import train_grpo  # noqa: E402
-from vlaa_min.cli import parse_config, print_config  # noqa: E402
+from vlaa_min.infra.cli import parse_config, print_config  # noqa: E402
 from vlaa_min.metrics import read_metrics  # noqa: E402
 from vlaa_min.processor import SYSTEM_PROMPT, Processor  # noqa: E402
 from vlaa_min.toy_model import build_toy_checkpoint  # noqa: E402

@@ -1,4 +1,4 @@
-"""What the math reward's time limit costs per check (vlaa_min/math_check.py), against the ways it could be done.
+"""What the math reward's time limit costs per check (rewards/math_check.py), against the ways it could be done.
 
 Each check is a Math-Verify equivalence test of a short answer. The time limit runs each check in a child process
 that lives across checks; a child forked per check would instead pay a fork, and a child forked before the parent
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vlaa_min import math_check  # noqa: E402
+from rewards import math_check  # noqa: E402
 
 PAIRS = [("0.5", "\\frac{1}{2}"), ("x+1", "\\{1, 2\\}"), ("[0,1)", "[0, 1)"), ("2^{1/2}", "\\sqrt{2}")] * 25
 

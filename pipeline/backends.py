@@ -70,7 +70,7 @@ class LocalBackend:
         from vlaa_min.generate import Engine
         from vlaa_min.model import VLModel
         from vlaa_min.processor import Processor
-        from vlaa_min.runtime import resolve_device, resolve_dtype
+        from vlaa_min.infra.runtime import resolve_device, resolve_dtype
 
         self.device = resolve_device(self.device_name)
         self.precision = resolve_dtype(self.precision_name, self.device)
@@ -90,7 +90,7 @@ class LocalBackend:
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[tuple[int, ChatResult]]:
         from vlaa_min.generate import SamplingParams
-        from vlaa_min.runtime import autocast
+        from vlaa_min.infra.runtime import autocast
 
         if requests and self.model is None:
             self._load()

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.backends import Backend, LocalBackend, PipelineError
 from pipeline.openai_http import OpenAIBackend
 from pipeline.steps import step_caption, step_distill, step_metadata, step_rewrite, step_split, step_verify
-from vlaa_min.cli import build_parser, config_to_dict, print_config
+from vlaa_min.infra.cli import build_parser, config_to_dict, print_config
 
 STEPS = ("metadata", "caption", "distill", "rewrite", "verify", "split")
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"

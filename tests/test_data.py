@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import rewards
 import toyworld
 from vlaa_min.processor import SYSTEM_PROMPT, Processor
 from vlaa_min.tokenizer import build_tokenizer
@@ -172,8 +173,10 @@ def test_bad_record_names_file_line_and_field(tmp_path, images, name, writer):
     corrupt_images(images)
     bad, field, kind = BAD_RECORDS[name]
     path = writer(tmp_path / "bad.json", [record(id="ok1"), record(id="ok2"), bad])
+    toy_scene = "scene" in bad.get("meta", {})  # a scene is checked by the toy recipe's scorer
+    config = rewards.RewardConfig(open_scorer="toyworld:ToySceneScorer") if toy_scene else None
     with pytest.raises(data.DataError) as caught:
-        data.load_records(path, images, require_answer=True)
+        data.load_records(path, images, require_answer=True, reward_config=config)
     where = f"{path}:3 " if writer is write_jsonl else f"{path}:record 3 (line 4) "  # the third record
     assert str(caught.value).startswith(where), str(caught.value)
     assert f": {field}: " in str(caught.value)

@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 import data
 import train_grpo
 import train_sft
-from vlaa_min import distributed
-from vlaa_min.cli import ConfigError, UserError
+from vlaa_min.infra import distributed
+from vlaa_min.infra.cli import ConfigError, UserError
 from vlaa_min.config import ModelConfig
 from vlaa_min.generate import Rollout
 from vlaa_min.logprobs import completion_logprobs

@@ -51,6 +51,6 @@ def test_make_grpo_passes_args_on_and_runs_the_control_unless_control_0(control)
 
 
 def test_make_eval_scores_the_questions_make_grpo_holds_out():
-    grpo, evaluation = _command(make("-n", "grpo"), "train_grpo.py"), _command(make("-n", "eval"), "eval.py")
+    grpo, evaluation = _command(make("-n", "grpo"), "train_grpo.py"), _command(make("-n", "eval"), "evaluate.py")
     assert _flag(evaluation, "--data") == _flag(grpo, "--eval-data")
     assert _flag(evaluation, "--eval-size") == _flag(grpo, "--eval-size")

@@ -602,7 +602,7 @@ def test_scripted_pipeline_writes_files_the_trainers_load(toy, scripted_run):
 def test_trainers_run_a_step_on_the_pipeline_files(toy, scripted_run, tmp_path):
     import train_grpo
     import train_sft
-    from vlaa_min.cli import parse_config
+    from vlaa_min.infra.cli import parse_config
 
     workdir, images = scripted_run["workdir"], str(toy["images"])
     train_sft.main(parse_config(train_sft.SFTConfig, [

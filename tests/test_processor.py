@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference_smart_resize
 
-from tests.rehearsal import QWEN3_VL_PREPROCESSOR_CONFIG, reference_prompt, write_tokenizer
+from vlaa_min.infra.rehearsal import QWEN3_VL_PREPROCESSOR_CONFIG, reference_prompt, write_tokenizer
 from vlaa_min.processor import SYSTEM_PROMPT, ImageProcessor, Processor, smart_resize
 from vlaa_min.rope import mrope_position_ids
 from vlaa_min.tokenizer import (
@@ -403,7 +403,7 @@ def test_processor_save_and_load(processor, tmp_path):
 
 def test_qwen3_vl_prompt_matches_transformers(tmp_path):
     """The same image and question through our Processor and through transformers' Qwen3-VL processing, on the hub's
-    files (tests/rehearsal.py writes them: Qwen's real BPE, Qwen3-VL's added tokens, chat template and
+    files (vlaa_min/infra/rehearsal.py writes them: Qwen's real BPE, Qwen3-VL's added tokens, chat template and
     preprocessor_config.json): the same prompt ids, pixel values and grid."""
     write_tokenizer(tmp_path, "qwen3_vl")
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_PREPROCESSOR_CONFIG))

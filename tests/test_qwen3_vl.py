@@ -21,7 +21,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel, _ours_to_hf
 from tests.helpers import randomize_
-from tests.rehearsal import qwen3_vl_hub_config
+from vlaa_min.infra.rehearsal import qwen3_vl_hub_config
 from tests.test_model import (
     EOS, IMAGE, PAD, TOL, VIDEO, VISION_END, VISION_START, VOCAB, gradients_without_and_with_checkpointing, hf_logits,
     image_tokens, left_pad, max_diff_on_real_tokens, our_logits, our_positions, prompt,

@@ -2,7 +2,7 @@
 VLAA-Thinking's record layouts, and the real entry points (`make sft`, `make grpo`, `make eval` with MODEL / DATA /
 IMAGES set).
 
-What it checks, against transformers' Qwen2.5-VL code on the same files (tests/rehearsal.py writes them):
+What it checks, against transformers' Qwen2.5-VL code on the same files (vlaa_min/infra/rehearsal.py writes them):
 - the token ids (special tokens, vocabulary padding 151,665 -> 151,936, stop ids) and both config.json layouts;
 - the prompt of a real-format record at the checkpoint's own max_pixels: ids, rendered text (printed), image
   placeholders = grid / 4, the system prompt's emoji, the assistant-only loss mask ending on <|im_end|>;
@@ -10,8 +10,8 @@ What it checks, against transformers' Qwen2.5-VL code on the same files (tests/r
   --max-pixels so that a 2-core CPU runs them in minutes;
 - the trained checkpoint loads in Qwen2_5_VLForConditionalGeneration and gives our logits;
 - for Qwen3-VL-2B (DeepStack, 2 layers): both config.json layouts, then the same SFT -> GRPO -> eval -> parity.
-The prompt reference is tests/rehearsal.py's `reference_prompt` (transformers' processor, or without torchvision its
-tokenizer chat template and PIL image processor).
+The prompt reference is vlaa_min/infra/rehearsal.py's `reference_prompt` (transformers' processor, or without
+torchvision its tokenizer chat template and PIL image processor).
 """
 
 import json
@@ -27,7 +27,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 
 import data
 import train_grpo
-from tests.rehearsal import (
+from vlaa_min.infra.rehearsal import (
     ADDED_TOKENS, FIRST_ADDED_ID, GENERATION_CONFIG, reference_prompt, write_checkpoint, write_records,
 )
 from vlaa_min.config import ModelConfig

@@ -1,4 +1,4 @@
-"""Tests for rewards.py: a hand-derived table of cases over every reward type (reward-hacking attempts included),
+"""Tests for rewards/: a hand-derived table of cases over every reward type (reward-hacking attempts included),
 real symbolic equivalence and the hard math time limit (main thread and worker threads), a seeded fuzzer over 10,000
 random and mutated responses, type resolution, the open-ended scorers and the batched API."""
 
@@ -13,15 +13,14 @@ from fractions import Fraction
 import pytest
 
 import rewards
-from vlaa_min import math_check
 from rewards import (RewardConfig, TokenF1Scorer, compute_reward, compute_rewards, extract_answer, load_scorer,
-                     resolve_type)
+                     math_check, resolve_type)
 from toyworld import ToySceneScorer
 
 
 @pytest.fixture(autouse=True, scope="module")
 def warm_math():
-    """Math-Verify is warmed up once per process, before its first child (vlaa_min/math_check.py): the timed
+    """Math-Verify is warmed up once per process, before its first child (rewards/math_check.py): the timed
     tests below measure checks, not that."""
     math_check.warm_up()
 
@@ -53,6 +52,7 @@ SCENE = {"size": [112, 112], "objects": [
 OPEN_TOY = {"id": "open-1", "verifier_type": "open", "gt": "There are 4 shapes.", "meta": {"scene": SCENE}}
 OPEN_F1 = {"id": "open-2", "verifier_type": "open", "gt": "a red truck"}
 THINK = RewardConfig(require_think=True)
+TOY = RewardConfig(open_scorer="toyworld:ToySceneScorer")  # the toy recipe's open-ended scorer
 
 
 def gain_reward(gain: float, beta: float = 1.0) -> float:
@@ -217,21 +217,21 @@ CASES = [
     ("iou-pixel-out-of-range", wrap("[0, 0, 250, 50]"), IOU_PIXEL, 0.0, "out_of_range", None),
     ("iou-pixel-given-normalised", wrap("[0.2, 0.2, 0.6, 0.6]"), IOU_PIXEL, 0.0, "wrong", None),
     # -- open, toy scene: S = #distinct true claims - #false claims; S(gt "There are 4 shapes.") = 1 -----------------
-    ("open-toy-same-as-gt", wrap("There are 4 shapes."), OPEN_TOY, 0.0, "wrong", None),
+    ("open-toy-same-as-gt", wrap("There are 4 shapes."), OPEN_TOY, 0.0, "wrong", TOY),
     ("open-toy-full", wrap("4 shapes: 2 red circles, one blue square and one yellow triangle."), OPEN_TOY,
-     gain_reward(4 - 1), "ok", None),
-    ("open-toy-two-true", wrap("2 circles and 2 large shapes"), OPEN_TOY, gain_reward(2 - 1), "ok", None),
-    ("open-toy-sizes", wrap("1 small red circle and 1 large red circle"), OPEN_TOY, gain_reward(2 - 1), "ok", None),
-    ("open-toy-words", wrap("Two red circles, one small blue square."), OPEN_TOY, gain_reward(2 - 1), "ok", None),
-    ("open-toy-repeat-hack", wrap("4 shapes. 4 shapes. 4 shapes. Four shapes."), OPEN_TOY, 0.0, "wrong", None),
-    ("open-toy-false", wrap("5 shapes"), OPEN_TOY, 0.0, "wrong", None),
-    ("open-toy-contradiction", wrap("2 red circles and 3 red circles"), OPEN_TOY, 0.0, "wrong", None),
+     gain_reward(4 - 1), "ok", TOY),
+    ("open-toy-two-true", wrap("2 circles and 2 large shapes"), OPEN_TOY, gain_reward(2 - 1), "ok", TOY),
+    ("open-toy-sizes", wrap("1 small red circle and 1 large red circle"), OPEN_TOY, gain_reward(2 - 1), "ok", TOY),
+    ("open-toy-words", wrap("Two red circles, one small blue square."), OPEN_TOY, gain_reward(2 - 1), "ok", TOY),
+    ("open-toy-repeat-hack", wrap("4 shapes. 4 shapes. 4 shapes. Four shapes."), OPEN_TOY, 0.0, "wrong", TOY),
+    ("open-toy-false", wrap("5 shapes"), OPEN_TOY, 0.0, "wrong", TOY),
+    ("open-toy-contradiction", wrap("2 red circles and 3 red circles"), OPEN_TOY, 0.0, "wrong", TOY),
     ("open-toy-enumerate-hack", wrap(" ".join(f"{n} red circles" for n in range(1, 11))), OPEN_TOY, 0.0, "wrong",
-     None),
-    ("open-toy-zero-claims-ignored", wrap("0 green squares, 0 green circles"), OPEN_TOY, 0.0, "wrong", None),
+     TOY),
+    ("open-toy-zero-claims-ignored", wrap("0 green squares, 0 green circles"), OPEN_TOY, 0.0, "wrong", TOY),
     ("open-toy-mixed", wrap("4 shapes, 2 red circles, 2 blue squares"), OPEN_TOY, gain_reward(1 - 1), "wrong",
-     None),
-    ("open-toy-no-claims", wrap("a nice picture"), OPEN_TOY, 0.0, "wrong", None),
+     TOY),
+    ("open-toy-no-claims", wrap("a nice picture"), OPEN_TOY, 0.0, "wrong", TOY),
     # -- open, token F1 with gt "a red truck" -> tokens [red, truck] -------------------------------------------------
     ("open-f1-exact", wrap("Red truck."), OPEN_F1, 1.0, "ok", None),
     ("open-f1-half", wrap("the red car"), OPEN_F1, 2 * 0.5 * 0.5 / (0.5 + 0.5), "ok", None),
@@ -444,6 +444,7 @@ def fuzz_response(rng: random.Random) -> str:
 
 
 FUZZ_CONFIG = RewardConfig(math_timeout_s=0.5)
+FUZZ_TOY = RewardConfig(math_timeout_s=0.5, open_scorer="toyworld:ToySceneScorer")
 FUZZ_CHUNKS = 5
 FUZZ_PER_CHUNK = 2_000  # 5 x 2,000 = 10,000 responses in the default suite
 
@@ -451,7 +452,7 @@ FUZZ_PER_CHUNK = 2_000  # 5 x 2,000 = 10,000 responses in the default suite
 def check_many(responses, rng):
     for response in responses:
         sample = rng.choice(FUZZ_SAMPLES)
-        config = THINK if rng.random() < 0.1 else FUZZ_CONFIG
+        config = THINK if rng.random() < 0.1 else FUZZ_TOY if sample is OPEN_TOY else FUZZ_CONFIG
         started = time.monotonic()
         result = compute_reward(response, sample, config=config)
         elapsed = time.monotonic() - started
@@ -473,7 +474,8 @@ def test_fuzz_reaches_every_outcome():
     reasons = set()
     for _ in range(1_500):
         sample = rng.choice(FUZZ_SAMPLES)
-        reasons.add(compute_reward(fuzz_response(rng), sample, config=FUZZ_CONFIG)["reason"])
+        config = FUZZ_TOY if sample is OPEN_TOY else FUZZ_CONFIG
+        reasons.add(compute_reward(fuzz_response(rng), sample, config=config)["reason"])
     assert {"ok", "wrong", "format", "unparsable", "ambiguous"} <= reasons
 
 
@@ -531,8 +533,9 @@ def test_resolve_type_unknown_names_the_record(record, field):
      "meta.scene"),
 ])
 def test_bad_samples_raise_with_record_and_field(sample, field):
+    config = TOY if "scene" in sample.get("meta", {}) else None  # a scene is checked by the toy scorer
     with pytest.raises(ValueError, match=sample["id"]) as error:
-        compute_reward(wrap("[0.1, 0.1, 0.2, 0.2] 1"), sample)
+        compute_reward(wrap("[0.1, 0.1, 0.2, 0.2] 1"), sample, config=config)
     assert field in str(error.value)
 
 
@@ -617,11 +620,15 @@ def test_compute_rewards_mixes_types_and_checks_lengths():
         compute_rewards(responses[:2], samples)
 
 
-def test_default_open_scorer_depends_on_the_scene():
+def test_the_default_open_scorer_is_token_f1_and_the_toy_scorer_is_chosen_by_name():
     assert ToySceneScorer().score("There are 4 shapes.", OPEN_TOY) == 1.0
     assert TokenF1Scorer().score("red truck", OPEN_F1) == 1.0
-    assert compute_reward(wrap("4 shapes, 2 red circles"), OPEN_TOY)["info"]["ref_score"] == 1.0
+    assert compute_reward(wrap("4 shapes, 2 red circles"), OPEN_TOY, config=TOY)["info"]["ref_score"] == 1.0
     assert "ref_score" not in compute_reward(wrap("red truck"), OPEN_F1)["info"]
+    assert isinstance(RewardConfig().open_scorer, TokenF1Scorer)  # a scene in the record changes nothing
+    assert "ref_score" not in compute_reward(wrap("4 shapes, 2 red circles"), OPEN_TOY)["info"]
+    with pytest.raises(rewards.SampleError, match="ToySceneScorer"):
+        rewards.check_sample(OPEN_F1, TOY)  # the toy scorer refuses a record without a scene
 
 
 def test_load_scorer_from_import_path():

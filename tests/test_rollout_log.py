@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from train_grpo import StepBatch
 from vlaa_min.generate import Rollout
 from vlaa_min.rollout_log import RolloutLog, token_pieces
 
@@ -42,8 +43,14 @@ def _step_inputs(prompts: int, group_size: int, seed: int):
     advantages = torch.randn(n, generator=generator)
     new = old + 0.1 * torch.randn(n, width, generator=generator)
     ref = old + 0.1 * torch.randn(n, width, generator=generator)
-    return dict(records=records, rollout=rollout, texts=texts, scored=scored, advantages=advantages,
-                ref_logp=ref, tokenizer=ByteTokenizer(), rescore=lambda rows: new[rows]), new
+    return dict(records=records, rollout=rollout, texts=texts, scores=scored, advantages=advantages,
+                ref_logp=ref, tokenizer=ByteTokenizer(), rescore=lambda ids: new[ids]), new
+
+
+def _log_step(log: RolloutLog, step: int, inputs: dict, **kwargs) -> dict:
+    """log_rollout on a StepBatch made of a fake step's fields."""
+    fields = {key: inputs[key] for key in ("records", "rollout", "texts", "scores", "advantages", "ref_logp")}
+    return log.log_rollout(step, StepBatch(prompts=[], **fields), inputs["tokenizer"], inputs["rescore"], **kwargs)
 
 
 def test_token_pieces_join_to_the_text_and_hold_split_characters_back():
@@ -60,7 +67,7 @@ def test_token_pieces_join_to_the_text_and_hold_split_characters_back():
 def test_a_logged_step_has_every_field_and_the_defined_token_values(tmp_path):
     log = RolloutLog(str(tmp_path / "rollouts.jsonl"), every=5, groups=2)
     inputs, new = _step_inputs(prompts=3, group_size=4, seed=0)
-    log.log_rollout(5, **inputs, kl_estimator="k3")
+    _log_step(log, 5, inputs, kl_estimator="k3")
     [entry] = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
     assert entry["step"] == 5 and entry["kind"] == "train" and entry["kl_to"] == "reference"
     assert [g["id"] for g in entry["groups"]] == ["p0-0", "p0-1"]  # the first `groups` prompts
@@ -75,7 +82,7 @@ def test_a_logged_step_has_every_field_and_the_defined_token_values(tmp_path):
             assert c["text"] == inputs["texts"][row] == "".join(c["tokens"])
             assert c["length"] == n == len(c["tokens"]) == len(c["logp"]) == len(c["ratio"]) == len(c["kl"])
             assert c["truncated"] == (rollout.finish_reasons[row] == "length")
-            assert c["reward"] == inputs["scored"][row]["reward"] and c["reason"] == inputs["scored"][row]["reason"]
+            assert c["reward"] == inputs["scores"][row]["reward"] and c["reason"] == inputs["scores"][row]["reason"]
             assert c["advantage"] == pytest.approx(float(inputs["advantages"][row]), abs=1e-4)
             for t in range(n):
                 d = float(ref[row, t] - new[row, t])
@@ -87,7 +94,7 @@ def test_a_logged_step_has_every_field_and_the_defined_token_values(tmp_path):
 def test_without_a_reference_the_kl_is_to_the_rollout_policy(tmp_path):
     log = RolloutLog(str(tmp_path / "rollouts.jsonl"), every=1, groups=1)
     inputs, new = _step_inputs(prompts=2, group_size=2, seed=1)
-    entry = log.log_rollout(1, **{**inputs, "ref_logp": None}, kl_estimator="k1")
+    entry = _log_step(log, 1, {**inputs, "ref_logp": None}, kl_estimator="k1")
     c = entry["groups"][0]["completions"][0]
     old = inputs["rollout"].logprobs
     assert entry["kl_to"] == "rollout policy"
@@ -118,7 +125,7 @@ def test_probe_answers_are_groups_with_their_advantages(tmp_path):
 def _run(log: RolloutLog, steps: range, seed: int = 0) -> None:
     for step in steps:
         if log.due(step):
-            log.log_rollout(step, **_step_inputs(prompts=4, group_size=3, seed=step + seed)[0])
+            _log_step(log, step, _step_inputs(prompts=4, group_size=3, seed=step + seed)[0])
 
 
 def test_the_log_size_is_bounded_by_every_and_groups(tmp_path):

@@ -1,5 +1,6 @@
 """What a run guarantees, tested the way a user meets it: reruns, two runs at once, kills, broken checkpoints,
-changed settings on resume, NaN, and flags that cannot work (vlaa_min/run.py; train_sft.py and train_grpo.py)."""
+changed settings on resume, NaN, and flags that cannot work (vlaa_min/infra/run_folder.py; train_sft.py and
+train_grpo.py)."""
 
 import json
 import os
@@ -14,11 +15,11 @@ import torch
 
 import train_grpo
 import train_sft
-from vlaa_min.cli import UserError
+from vlaa_min.infra.cli import UserError
 from vlaa_min.metrics import plot_curves
 from vlaa_min.model import VLModel
 from vlaa_min.toy_model import build_toy_checkpoint
-from vlaa_min.train_state import save_model
+from vlaa_min.infra.train_state import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Which letter is right?\nA. one\nB. two\nC. three\nD. four"
@@ -75,7 +76,8 @@ def test_a_finished_run_is_never_rerun_into_without_resume_or_overwrite(world, c
 
 def test_two_runs_never_share_a_folder_and_a_killed_runs_lock_is_taken_over(world, capfd):
     out = world / "locked"
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from vlaa_min.run import take_lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; "
+                               "from vlaa_min.infra.run_folder import take_lock; "
                                f"os.makedirs({str(out)!r}); lock = take_lock({str(out)!r}); print('locked', flush=True); "
                                "time.sleep(300)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -158,7 +160,7 @@ def test_grpo_refuses_a_changed_group_size_on_resume(world):
 @pytest.mark.parametrize("script, flags, message", [
     ("train_sft.py", ["--batch-size", "0"], "--batch-size must be > 0, got 0"),
     ("train_grpo.py", ["--steps", "-3"], "--steps must be > 0, got -3"),
-    ("eval.py", ["--eval-size", "-1"], "--eval-size must be >= 0, got -1"),
+    ("evaluate.py", ["--eval-size", "-1"], "--eval-size must be >= 0, got -1"),
     ("train_sft.py", ["--model", "no/such/model"], "--model no/such/model: no such directory"),
 ])
 def test_flags_that_cannot_work_get_one_line_naming_the_flag(script, flags, message, tmp_path):

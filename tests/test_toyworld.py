@@ -178,15 +178,18 @@ def test_targets_per_file(world):
 
 # --- rewards of the reference answers -------------------------------------------------------------------------
 
+TOY_REWARD = rewards.RewardConfig(open_scorer=toyworld.ToySceneScorer())  # the toy recipe's open-ended scorer
+
 
 def test_reference_answers_earn_full_reward_and_the_teacher_errs_where_it_says(world):
     for record in all_records(world):
         kind, wrong = record["verifier_type"], record["meta"]["teacher_wrong"]
-        clean = rewards.compute_reward(clean_answer(record), record)
-        direct = rewards.compute_reward(record["meta"]["direct_answer"], record)
+        clean = rewards.compute_reward(clean_answer(record), record, config=TOY_REWARD)
+        direct = rewards.compute_reward(record["meta"]["direct_answer"], record, config=TOY_REWARD)
         if kind == "open":
             assert clean["reward"] > 0.6 and clean["correct"], (record["id"], clean)
-            minimal = rewards.compute_reward(f"<think>.</think> <answer>{record['gt']}</answer>", record)
+            minimal = rewards.compute_reward(f"<think>.</think> <answer>{record['gt']}</answer>", record,
+                                             config=TOY_REWARD)
             assert minimal["reward"] == 0.0, (record["id"], minimal)  # S(gt) is not above S(gt)
         elif kind == "iou":
             assert clean["reward"] >= 0.9, (record["id"], clean)
@@ -213,8 +216,8 @@ def test_the_teacher_over_counts_by_its_rate(tmp_path):
 
 def test_pseudo_flips_are_wrong_and_the_rest_right(world):
     for record in world["files"]["sft.json"] + world["files"]["rl.json"]:
-        pseudo = rewards.compute_reward(record["meta"]["pseudo_answer"], record)
-        clean = rewards.compute_reward(record["answer"], record)
+        pseudo = rewards.compute_reward(record["meta"]["pseudo_answer"], record, config=TOY_REWARD)
+        clean = rewards.compute_reward(record["answer"], record, config=TOY_REWARD)
         if record["meta"]["pseudo_flipped"]:
             assert pseudo["reward"] < clean["reward"], (record["id"], pseudo)
             if record["verifier_type"] != "open":

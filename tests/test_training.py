@@ -21,7 +21,7 @@ import data
 import toyworld
 import train_grpo
 import train_sft
-from vlaa_min.cli import UserError, load_config, parse_config, save_config
+from vlaa_min.infra.cli import UserError, load_config, parse_config, save_config
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
 from vlaa_min.presets import make_config

@@ -18,14 +18,9 @@ into its query axis (`grouped_attention`), and the mask gets one copy per folded
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:  # for the annotation only: model.py imports this module
-    from vlaa_min.model import VLModel
-
 
 # --------------------------------------------------------------------------- masks and attention
 
@@ -127,7 +122,8 @@ class KVCache:
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
     @classmethod
-    def for_model(cls, model: "VLModel", batch_size: int, max_len: int) -> "KVCache":
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "KVCache":
+        """A cache for a VLModel (its text config and lm_head's dtype and device)."""
         text, weight = model.config.text, model.lm_head.weight
         layers, kv_heads, head_dim = text.num_hidden_layers, text.num_key_value_heads, text.head_dim
         return cls(layers, batch_size, max_len, kv_heads, head_dim, weight.dtype, weight.device)

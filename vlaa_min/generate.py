@@ -16,7 +16,7 @@ The paper samples G = 4 rollouts per prompt at temperature 0.8 (the caller's Sam
 transformers' generate: no repetition penalty, beam search or min_new_tokens; stopping is by stop token ids or
 max_new_tokens only; completions are trimmed to the longest row. `compile=True` wraps the decode step in
 torch.compile (one graph for all steps); tests run eager. `cuda_graphs=True` (GPU) records the step as a CUDA graph
-per shape bucket and replays it with one launch per token (vlaa_min/decode_graphs.py).
+per shape bucket and replays it with one launch per token (vlaa_min/infra/decode_graphs.py).
 
 Usage:
     engine = Engine(model, pad_token_id=processor.pad_token_id)         # on GPU: compile=True, cuda_graphs=True
@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from vlaa_min.cache import GroupedKVCache, KVCache
-from vlaa_min.decode_graphs import SLOT_MULTIPLE, Bucket, DecodeGraphs, round_up
+from vlaa_min.infra.decode_graphs import SLOT_MULTIPLE, Bucket, DecodeGraphs, round_up
 from vlaa_min.model import VLModel
 from vlaa_min.rope import next_position_ids
 

@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from vlaa_min import distributed
+from vlaa_min.infra import distributed
 
 
 class MetricsLogger:

@@ -30,7 +30,7 @@ PRESETS = {
         "toy": {},
         "paper": dict(prompts_per_step=512, group_size=4, train_batch_size=256, micro_batch_size=8, steps=49,
                       max_new_tokens=1024, lr=5e-6, warmup_ratio=0.03, kl_init=1e-3, kl_target=5e-4,
-                      eval_data=None, save_every=5, max_pixels=QWEN_MAX_PIXELS, max_prompt_length=2048),
+                      eval_data=None, save_every=5, open_scorer=None, max_pixels=QWEN_MAX_PIXELS, max_prompt_length=2048),
     },
 }
 

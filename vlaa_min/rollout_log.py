@@ -74,34 +74,35 @@ class RolloutLog:
         return self.every > 0 and self.groups > 0 and step % self.every == 0
 
     @torch.no_grad()
-    def log_rollout(self, step: int, records: list[dict], rollout, texts: list[str], scored: list[dict],
-                    advantages: torch.Tensor, ref_logp: torch.Tensor | None, tokenizer, rescore,
-                    kl_estimator: str = "k3") -> dict:
-        """Log the first groups of a step's rollout (on the host). rescore(rows) gives the (n, width) log-probs of
-        those rollout rows under the updated policy; ref_logp is the (N, L) reference log-probs or None."""
+    def log_rollout(self, step: int, batch, tokenizer, rescore, kl_estimator: str = "k3") -> dict:
+        """Log the first groups of a step's rollout (on the host). batch: train_grpo.StepBatch (records, rollout,
+        texts, scores, advantages, ref_logp: (N, L) or None); rescore(ids) gives the (n, width) log-probs of those
+        completions under the updated policy."""
+        records, rollout, texts, scores = batch.records, batch.rollout, batch.texts, batch.scores
         group_size = len(texts) // len(records)
         shown = min(self.groups, len(records))
-        rows = torch.arange(shown * group_size)  # rows p * G + g of the first `shown` prompts
-        new_logp = rescore(rows).float().cpu()  # (n, width)
+        ids = torch.arange(shown * group_size)  # completions p * G + g of the first `shown` prompts
+        new_logp = rescore(ids).float().cpu()  # (n, width)
         width = new_logp.shape[1]
-        old_logp = rollout.logprobs[rows, :width].float()  # (n, width)
-        anchor = ref_logp[rows.to(ref_logp.device), :width].float().cpu() if ref_logp is not None else old_logp
+        old_logp = rollout.logprobs[ids, :width].float()  # (n, width)
+        ref_logp = batch.ref_logp
+        anchor = ref_logp[ids.to(ref_logp.device), :width].float().cpu() if ref_logp is not None else old_logp
         ratio = torch.exp(new_logp - old_logp)  # (n, width)
         kl = kl_per_token(new_logp, anchor, kl_estimator)  # (n, width)
         groups = []
         for p in range(shown):
             completions = []
-            for row in range(p * group_size, (p + 1) * group_size):
-                n = int(rollout.completion_lengths[row])
-                ids = rollout.completion_ids[row, :n].tolist()
-                result = scored[row]
+            for i in range(p * group_size, (p + 1) * group_size):
+                n = int(rollout.completion_lengths[i])
+                score = scores[i]
                 completions.append({
-                    "text": texts[row], "reward": round(result["reward"], 4), "reason": result["reason"],
-                    "correct": bool(result["correct"]), "advantage": round(float(advantages[row]), 4),
-                    "length": n, "truncated": rollout.finish_reasons[row] == "length",
-                    "tokens": token_pieces(tokenizer, ids), "logp": _rounded(old_logp[row, :n], 3),
-                    "ratio": _rounded(ratio[row, :n], 4), "kl": _rounded(kl[row, :n], 5)})
-            group_rewards = [scored[row]["reward"] for row in range(p * group_size, (p + 1) * group_size)]
+                    "text": texts[i], "reward": round(score["reward"], 4), "reason": score["reason"],
+                    "correct": bool(score["correct"]), "advantage": round(float(batch.advantages[i]), 4),
+                    "length": n, "truncated": rollout.finish_reasons[i] == "length",
+                    "tokens": token_pieces(tokenizer, rollout.completion_ids[i, :n].tolist()),
+                    "logp": _rounded(old_logp[i, :n], 3), "ratio": _rounded(ratio[i, :n], 4),
+                    "kl": _rounded(kl[i, :n], 5)})
+            group_rewards = [scores[i]["reward"] for i in range(p * group_size, (p + 1) * group_size)]
             no_signal = bool(equal_reward_groups(torch.tensor([group_rewards]))[0])
             groups.append({**_prompt(records[p], no_signal=no_signal),
                            "completions": completions})
@@ -112,7 +113,7 @@ class RolloutLog:
 
     def log_answers(self, step: int, records: list[dict], rows: list[dict], kind: str = "eval",
                     samples: int = 1) -> dict | None:
-        """Log eval.evaluate's rows (`samples` per record, record-major) as groups without per-token values.
+        """Log evaluate.evaluate's rows (`samples` per record, record-major) as groups without per-token values.
 
         kind "eval": held-out answers, at most groups x 4 records; kind "probe": the fixed prompts that
         train_grpo samples again at each logged step, so that the viewer can show one prompt early and late."""

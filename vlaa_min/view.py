@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlaa_min.cli import FlagParser
+from vlaa_min.infra.cli import FlagParser
 from vlaa_min.metrics import read_metrics
 
 TEMPLATE = Path(__file__).with_name("viewer.html")

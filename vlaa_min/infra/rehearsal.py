@@ -12,7 +12,7 @@ tests/test_rehearsal.py (`make rehearse`) runs the real entry points on what thi
 - `write_records`: SFT and GRPO files in the VLAA-Thinking layouts (answer / ds_answer, verifier_type or none,
   nested image folders, LaTeX questions with options) with images at real sizes.
 
-    python -m tests.rehearsal --out /tmp/qwen-rehearsal   # writes model-nested/, model-legacy/, data/ (Qwen2.5-VL)
+    python -m vlaa_min.infra.rehearsal --out /tmp/qwen-rehearsal   # writes model-nested/, model-legacy/, data/ (Qwen2.5-VL)
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """The scorers S of the open-ended reward: what a scorer is, loading one by import path, and token F1.
 
-rewards.py turns a scorer's scores into the reward: for a relative scorer (a reward model, as in the paper) the
+rewards/ turns a scorer's scores into the reward: for a relative scorer (a reward model, as in the paper) the
 gain of the answer over the reference, R = 1 - exp(-(S(pred) - S(gt)) * beta); for a similarity scorer the
 similarity itself. The paper's reward model (InternLM-XComposer2.5-Reward) is not included: TokenF1Scorer is the
 default for real data, toyworld.ToySceneScorer for toy records. Any object with the two members below plugs in:

@@ -1,6 +1,6 @@
 """Command-line flags derived from a script's config dataclass (one source of truth).
 
-Every script (train_sft.py, train_grpo.py, eval.py, ...) keeps its settings in one dataclass. This module turns
+Every script (train_sft.py, train_grpo.py, evaluate.py, ...) keeps its settings in one dataclass. This module turns
 that dataclass into argparse flags -- one `--field-name` per field, typed from the annotation, with the help text
 taken from the field's `metadata["help"]` -- and back, and saves the resolved config next to the run.
 
@@ -22,7 +22,7 @@ import os
 import sys
 import typing
 
-from vlaa_min import distributed
+from vlaa_min.infra import distributed
 from vlaa_min.presets import presets_of
 
 

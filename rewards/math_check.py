@@ -4,7 +4,7 @@ A model can answer "9^{9^{9}}" and sympy will compute for hours, so every check 
 child processes of this one. A child lives across checks, so Math-Verify's caches and sympy's lazy imports stay
 warm; one whose check outlasts the deadline is killed, and the next check forks a fresh one. Unix only (fork).
 
-    from vlaa_min.math_check import check_math
+    from rewards.math_check import check_math
     check_math("0.5", "\\frac{1}{2}", timeout_s=1.0)  # 'ok' ('wrong', 'unparsable', 'bad_gt', 'timeout', 'error')
 """
 

@@ -8,7 +8,7 @@
 - The folder's `.lock` file is locked (flock) for the life of the process and holds its PID. The kernel drops the
   lock when the process dies however it dies, so a lock file left by a killed run is stale by definition: it is
   taken over, and the old PID is printed.
-- Leftovers of a write a crash cut short (`*.tmp-*`, `*.old-*`) are cleaned (vlaa_min.checkpoint.clean_leftovers).
+- Leftovers of a write a crash cut short (`*.tmp-*`, `*.old-*`) are cleaned (vlaa_min.infra.checkpoint.clean_leftovers).
 - `settings` (the config plus the inputs' content hashes) is saved in config.json and in every checkpoint. On
   resume, every field that shapes training must equal the checkpoint's; the `safe` fields (eval cadence, logging,
   device) may change, and each change is printed.
@@ -19,17 +19,17 @@ import math
 import os
 import shutil
 
-from vlaa_min import distributed
-from vlaa_min.checkpoint import clean_leftovers
-from vlaa_min.cli import ConfigError, UserError, save_config
-from vlaa_min.train_state import latest_checkpoint, load_newest
+from vlaa_min.infra import distributed
+from vlaa_min.infra.checkpoint import clean_leftovers
+from vlaa_min.infra.cli import ConfigError, UserError, save_config
+from vlaa_min.infra.train_state import latest_checkpoint, load_newest
 
 LOCK_FILE = ".lock"
 ALWAYS_SAFE = frozenset({"out", "resume", "overwrite"})  # how a run is started, not how it trains
 
 
 def check_out_folder(out: str, resume: bool, overwrite: bool, holds: str = "a run", resumable: bool = True) -> None:
-    """Refuse an --out that holds another run (eval.py: holds="results", nothing to resume) unless the user said
+    """Refuse an --out that holds another run (evaluate.py: holds="results", nothing to resume) unless the user said
     what to do with it (rank 0 checks)."""
     if resume and overwrite:
         raise ConfigError("--resume true and --overwrite true exclude each other")

@@ -1,6 +1,6 @@
 """Which of the five rewards scores a record: its "verifier_type" (or an alias), else its source data set.
 
-data.py calls it (through rewards.check_sample) when it loads a file, rewards.py when it scores an answer.
+data.py calls it (through rewards.check_sample) when it loads a file, rewards/ when it scores an answer.
 The RL split of VLAA-Thinking has no verifier_type on some records; their source (meta["source"], "source", or
 a folder of the image path) names the data set, and each data set has one reward type. SampleError names a
 record and the field no answer could be scored against.

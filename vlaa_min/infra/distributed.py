@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from vlaa_min.runtime import resolve_device
+from vlaa_min.infra.runtime import resolve_device
 
 # Whole tensors, gathered to rank 0's CPU (the other ranks get {}): what an HF checkpoint holds.
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

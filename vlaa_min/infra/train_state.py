@@ -8,7 +8,7 @@ leaves the previous checkpoints intact and never a half-written one. The final m
 way (save_model). On resume, a newest checkpoint that does not load (a truncated file, an empty folder) is
 reported, deleted, and the one before it is used (load_newest).
 
-Under torchrun the weights and the optimizer state are gathered whole (vlaa_min.distributed) and rank 0 writes
+Under torchrun the weights and the optimizer state are gathered whole (vlaa_min.infra.distributed) and rank 0 writes
 the same directory; what differs per rank (RNG states, the trainer's `per_rank` entries) is kept for every rank,
 and a checkpoint resumes only under the number of ranks that wrote it.
 
@@ -23,9 +23,9 @@ import shutil
 import numpy as np
 import torch
 
-from vlaa_min import distributed
-from vlaa_min.checkpoint import atomic_directory
-from vlaa_min.cli import UserError
+from vlaa_min.infra import distributed
+from vlaa_min.infra.checkpoint import atomic_directory
+from vlaa_min.infra.cli import UserError
 from vlaa_min.model import VLModel
 
 STATE_FILE = "trainer_state.pt"

@@ -1,6 +1,6 @@
-"""eval.py: a policy that always answers the reference scores 1; pass@k matches the unbiased estimator by hand; a run
-of eval.py writes a results folder of its own, labelled with the model and the question count, and never over
-an earlier one unless told."""
+"""evaluate.py: a policy that always answers the reference scores 1; pass@k matches the unbiased estimator by hand;
+a run of evaluate.py writes a results folder of its own, labelled with the model and the question count, and never
+over an earlier one unless told."""
 
 import dataclasses
 import json
@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-import eval as evaluation
+import evaluate
 import rewards
 import toyworld
-from vlaa_min.cli import ConfigError, UserError
+from vlaa_min.infra.cli import ConfigError, UserError
 from vlaa_min.generate import Rollout
 from vlaa_min.processor import Processor
 from vlaa_min.tokenizer import build_tokenizer
@@ -54,7 +54,7 @@ def test_always_answering_the_reference_scores_one(tmp_path):
     processor = Processor(build_tokenizer([r["question"] for r in records] + [r["gt"] for r in records], 400))
     model = torch.nn.Linear(1, 1)  # only its device is read: the replay engine does the generating
     config = rewards.RewardConfig(open_scorer=ReferenceScorer())
-    summary, rows = evaluation.evaluate(model, processor, records, str(tmp_path / "images"), samples=2,
+    summary, rows = evaluate.evaluate(model, processor, records, str(tmp_path / "images"), samples=2,
                                         temperature=1.0, batch_size=6, reward_config=config,
                                         engine=ReplayEngine(processor, records), progress=False)
     assert summary["accuracy"] == 1.0 and summary["pass@2"] == 1.0
@@ -70,50 +70,50 @@ def test_eval_writes_its_own_labelled_results_folder_and_never_over_one(tmp_path
                                  text_hidden_size=32, text_intermediate_size=64, text_num_attention_heads=2,
                                  text_num_key_value_heads=1, text_mrope_section=[2, 3, 3], vision_depth=1,
                                  vision_out_hidden_size=32)
-    config = evaluation.EvalConfig(model=model, data=str(tmp_path / "test.json"), images=str(tmp_path / "images"),
+    config = evaluate.EvalConfig(model=model, data=str(tmp_path / "test.json"), images=str(tmp_path / "images"),
                                    eval_size=4, max_new_tokens=4, batch_size=4, device="cpu")
-    summary = evaluation.main(config)
+    summary = evaluate.main(config)
     out = tmp_path / "model" / "eval-test-4q"  # the split's name and the questions scored
     assert summary["n"] == 4 == json.loads((out / "results.json").read_text())["summary"]["n"]
     header, _, row = (out / "results.md").read_text().splitlines()
     assert header.split(" | ")[:3] == ["| model", "questions", "overall"]
     assert row.split(" | ")[:2] == [f"| {model}", "4"]
     with pytest.raises(UserError, match=f"--out {out} already holds results: replace it with --overwrite true"):
-        evaluation.main(config)
-    evaluation.main(dataclasses.replace(config, overwrite=True))
-    evaluation.main(dataclasses.replace(config, eval_size=0))  # all 6: another folder
+        evaluate.main(config)
+    evaluate.main(dataclasses.replace(config, overwrite=True))
+    evaluate.main(dataclasses.replace(config, eval_size=0))  # all 6: another folder
     assert json.loads((out.with_name("eval-test-6q") / "results.json").read_text())["summary"]["n"] == 6
     with pytest.raises(ConfigError, match="--eval-size 7 is more than the 6 records"):
-        evaluation.main(dataclasses.replace(config, eval_size=7))
+        evaluate.main(dataclasses.replace(config, eval_size=7))
 
 
 @pytest.mark.parametrize("n, c, k", [(5, 2, 1), (5, 2, 2), (5, 0, 3), (5, 4, 2), (8, 3, 8), (10, 1, 4)])
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
     # Probability that a random k-subset of the n samples holds at least one of the c correct ones.
     subsets_without_correct = math.comb(n - c, k) if n - c >= k else 0
-    assert evaluation.pass_at_k(n, c, k) == pytest.approx(1 - subsets_without_correct / math.comb(n, k))
+    assert evaluate.pass_at_k(n, c, k) == pytest.approx(1 - subsets_without_correct / math.comb(n, k))
 
 
 def test_pass_at_k_by_hand():
-    assert evaluation.pass_at_k(5, 2, 1) == pytest.approx(0.4)  # c / n
-    assert evaluation.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    assert evaluation.pass_at_k(4, 0, 2) == 0.0
-    assert evaluation.pass_at_k(4, 3, 2) == 1.0  # every pair holds a correct sample
+    assert evaluate.pass_at_k(5, 2, 1) == pytest.approx(0.4)  # c / n
+    assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert evaluate.pass_at_k(4, 0, 2) == 0.0
+    assert evaluate.pass_at_k(4, 3, 2) == 1.0  # every pair holds a correct sample
     with pytest.raises(ValueError):
-        evaluation.pass_at_k(2, 1, 3)
+        evaluate.pass_at_k(2, 1, 3)
 
 
 def test_aha_words_are_counted_as_substrings():
-    assert evaluation.aha_count("Wait, let me double-check. Hmm, check again.") == 6  # check twice (in double-check)
+    assert evaluate.aha_count("Wait, let me double-check. Hmm, check again.") == 6  # check twice (in double-check)
 
 
 def test_a_response_reasons_when_its_think_block_takes_two_steps():
-    assert evaluation.reasoning_steps("<think>I see 2 red shapes.</think> <answer>2</answer>") == 1
-    assert evaluation.reasoning_steps("<think>red: 1. blue: 2. That makes 3 shapes.</think> <answer>3</answer>") == 3
-    assert evaluation.reasoning_steps("<think>The box is [0.25, 0.50, 0.75, 1.00].</think>") == 1  # no step in 0.25
-    assert evaluation.reasoning_steps("<answer>2</answer>") == 0
-    assert not evaluation.reasons("<think>I see 2 red shapes.</think>")
-    assert evaluation.reasons("<think>Red: 2. So 2! </think>")
+    assert evaluate.reasoning_steps("<think>I see 2 red shapes.</think> <answer>2</answer>") == 1
+    assert evaluate.reasoning_steps("<think>red: 1. blue: 2. That makes 3 shapes.</think> <answer>3</answer>") == 3
+    assert evaluate.reasoning_steps("<think>The box is [0.25, 0.50, 0.75, 1.00].</think>") == 1  # no step in 0.25
+    assert evaluate.reasoning_steps("<answer>2</answer>") == 0
+    assert not evaluate.reasons("<think>I see 2 red shapes.</think>")
+    assert evaluate.reasons("<think>Red: 2. So 2! </think>")
 
 
 def _row(response: str, correct: bool, kind: str = "digit") -> dict:
@@ -130,12 +130,12 @@ def test_summary_splits_accuracy_by_reasoned_and_direct_and_checks_toy_steps():
             _row(f"<think>{trace}</think> <answer>3</answer>", False),  # its own steps say 2
             _row("<think>I see 2 red shapes.</think> <answer>2</answer>", True),
             _row("<think>I see 4 red shapes.</think> <answer>4</answer>", False)]
-    summary = evaluation.summarize(records, rows)
+    summary = evaluate.summarize(records, rows)
     assert summary["reasoning_share"] == 0.5 and summary["per_type"]["digit"]["reasoning_share"] == 0.5
     assert summary["accuracy_reasoned"] == 0.5 and summary["accuracy_direct"] == 0.5
     assert summary["steps_agree"] == 0.5
-    assert "| reasons |" in evaluation.markdown_table({"m": summary}) and "| 50% |" in \
-        evaluation.markdown_table({"m": summary})
+    assert "| reasons |" in evaluate.markdown_table({"m": summary}) and "| 50% |" in \
+        evaluate.markdown_table({"m": summary})
 
 
 def test_before_and_after_prefers_a_direct_miss_turned_reasoned_hit():
@@ -143,6 +143,6 @@ def test_before_and_after_prefers_a_direct_miss_turned_reasoned_hit():
     before = [_row("<think>I see 4.</think> <answer>4</answer>", False)] * 3
     after = [_row("<think>I see 2.</think> <answer>2</answer>", True),
              _row("<think>red: 2. So 2.</think> <answer>2</answer>", True), before[2]]
-    text = evaluation.before_and_after(records, before, after)
+    text = evaluate.before_and_after(records, before, after)
     assert "q1" in text and "red: 2. So 2." in text
-    assert "no held-out question" in evaluation.before_and_after(records, before, before)
+    assert "no held-out question" in evaluate.before_and_after(records, before, before)

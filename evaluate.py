@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a split in the VLAA-Thinking format: accuracy per reward type and reasoning statistics.
 
-The answer extraction and reward rules are exactly the training ones (rewards.py): the single <answer> block is the
+The answer extraction and reward rules are exactly the training ones (rewards/): the single <answer> block is the
 answer, anything else scores 0 ("format"). Per reward type we report accuracy (reward == 1; for iou: IoU >= 0.5, the
 usual detection threshold) and the mean reward (for iou: the mean IoU), plus the share of format failures, the mean
 response length in tokens, the paper's "aha" word counts (substring match, lower-cased), and reasoning: a response
@@ -18,8 +18,8 @@ with the training reward rules (no fallback: a missing answer block is wrong, as
 Each evaluation writes results.json and results.md into a folder of its own (by default <model>/eval-<split>-<N>q,
 with -t<temperature>x<samples> when sampled) and refuses one that already holds results unless --overwrite true.
 
-    python eval.py --model runs/grpo/model --data toy/test.json --images toy/images --eval-size 500   (= make eval)
-    python eval.py --model runs/grpo/model --data toy/test.json --samples 8 --temperature 0.8 --show 5
+    python evaluate.py --model runs/grpo/model --data toy/test.json --images toy/images --eval-size 500   (= make eval)
+    python evaluate.py --model runs/grpo/model --data toy/test.json --samples 8 --temperature 0.8 --show 5
 """
 
 import json
@@ -34,12 +34,12 @@ from tqdm import tqdm
 import data
 import rewards
 import toyworld
-from vlaa_min.cli import ConfigError, check_sizes, print_config, run_script
+from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
-from vlaa_min.run import check_model_dir, check_out_folder
-from vlaa_min.runtime import autocast, resolve_device, resolve_dtype
+from vlaa_min.infra.run_folder import check_model_dir, check_out_folder
+from vlaa_min.infra.runtime import autocast, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -56,6 +56,8 @@ class EvalConfig:
     max_pixels: int = field(default=0, metadata={"help": "cap on an image's resized area (0 = the model's "
                                                          "preprocessor_config.json)"})
     require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
+    open_scorer: str | None = field(default="toyworld:ToySceneScorer", metadata={
+        "help": "open-ended scorer, module:attr (default: the toy world's; none = token F1 with gt)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU), fp32, bf16"})
@@ -226,7 +228,7 @@ def main(cfg: EvalConfig) -> dict:
     check_model_dir(cfg.model)
     device = resolve_device(cfg.device)
     precision = resolve_dtype(cfg.precision, device)
-    reward_config = rewards.RewardConfig(require_think=cfg.require_think)
+    reward_config = rewards.RewardConfig(require_think=cfg.require_think, open_scorer=cfg.open_scorer)
     records = data.load_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, reward_config=reward_config)
     if cfg.eval_size > len(records):
         raise ConfigError(f"--eval-size {cfg.eval_size} is more than the {len(records)} records of {cfg.data}")

@@ -1,7 +1,7 @@
 """The mixed reward of VLAA-Thinking: one reward in [0, 1] per (response, sample), picked by the sample's type.
 
 A sample is a data record (data.py) with "gt", a reward type ("verifier_type", or the source it is inferred from:
-vlaa_min/reward_types.py) and optional "question" and "meta". The answer is the text of exactly one
+rewards/types.py) and optional "question" and "meta". The answer is the text of exactly one
 <answer>...</answer> block; a missing, repeated or empty block gives 0 (the paper's implicit format reward).
 
     digit  the answer's numbers must all equal gt (Decimal: "3", "3.0", "03"); arithmetic ("3*3") gives 0
@@ -14,8 +14,8 @@ vlaa_min/reward_types.py) and optional "question" and "meta". The answer is the 
 
 Choices the paper leaves open: tags match case-insensitively; require_think (off) also demands a <think> block
 first; number words zero..twenty count when the answer has no digits; a math answer over 1,000 characters gives
-0; beta = 1.0. The paper's reward model (InternLM-XComposer2.5-Reward) is replaced by toyworld.ToySceneScorer
-(the toy world's scene facts) when meta["scene"] exists, else by token F1 with gt.
+0; beta = 1.0. The paper's reward model (InternLM-XComposer2.5-Reward) is replaced by token F1 with gt, or by any scorer
+named by its import path (the toy recipe's: toyworld:ToySceneScorer, the toy world's scene facts).
 Nothing here raises on model output; a bad sample raises SampleError naming the record and the field. GRPO sees a
 reward only through differences within a group (a constant or a scale cancels): docs/rewards.md.
 
@@ -33,10 +33,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 
-from toyworld import ToySceneScorer
-from vlaa_min.math_check import check_math
-from vlaa_min.open_scorers import OpenScorer, TokenF1Scorer, load_scorer  # noqa: F401 (part of the API)
-from vlaa_min.reward_types import NUMBER_WORDS, REWARD_TYPES, SampleError, record_meta, resolve_type  # noqa: F401
+from rewards.math_check import check_math
+from rewards.open_scorers import OpenScorer, TokenF1Scorer, load_scorer  # noqa: F401 (part of the API)
+from rewards.types import NUMBER_WORDS, REWARD_TYPES, SampleError, record_meta, resolve_type  # noqa: F401
 
 IOU_CORRECT = 0.5  # an iou answer is correct from this IoU on
 SIMILARITY_CORRECT = 0.5  # an open answer scored by a similarity (relative=False, e.g. F1) is correct from here on
@@ -48,13 +47,15 @@ class RewardConfig:
 
     require_think: bool = False  # also demand one <think>...</think> before the answer (the paper: no)
     open_beta: float = 1.0  # beta of the open-ended reward; not reported by the paper
-    open_scorer: OpenScorer | str | None = None  # object or "module:attr"; None: toy scorer if meta.scene, else F1
+    open_scorer: OpenScorer | str | None = None  # object or "module:attr"; None: token F1 with gt
     math_timeout_s: float = 1.0  # hard wall-clock limit of one math check
     iou_box_format: str = "normalized"  # "normalized" (0..1) or "pixel"; meta["box_format"] overrides it
 
     def __post_init__(self):
         if isinstance(self.open_scorer, str):
             self.open_scorer = load_scorer(self.open_scorer)
+        elif self.open_scorer is None:
+            self.open_scorer = TokenF1Scorer()
         if not self.open_beta > 0:
             raise ValueError(f"RewardConfig.open_beta must be > 0, got {self.open_beta}")
         if not 0 < self.math_timeout_s < math.inf:
@@ -222,7 +223,7 @@ def _mcq_reward(answer: str, gt: str, sample: dict) -> tuple[float, str]:
 
 
 # --- math ----------------------------------------------------------------------------------------------------------
-# vlaa_min/math_check.py runs Math-Verify in child processes that are killed at the deadline.
+# rewards/math_check.py runs Math-Verify in child processes that are killed at the deadline.
 
 _MATH_MAX_CHARS = 1000
 MATH_WORKERS = 8  # math checks compute_rewards runs at once, each in its own child process
@@ -324,17 +325,9 @@ def _iou_reward(answer: str, gt_box: list[float], width: float, height: float) -
 # are bugs or infrastructure failures, not model output.
 
 
-def _open_scorer(sample: dict, config: RewardConfig) -> OpenScorer:
-    if config.open_scorer is not None:
-        return config.open_scorer
-    if "scene" in record_meta(sample):
-        return ToySceneScorer()
-    return TokenF1Scorer()
-
-
 def _open_reward(answer: str, sample: dict, config: RewardConfig,
                  reference_scores: dict[int, float]) -> tuple[float, str, dict]:
-    scorer = _open_scorer(sample, config)
+    scorer = config.open_scorer
     score = float(scorer.score(answer, sample))
     if not scorer.relative:
         if not math.isfinite(score):
@@ -386,7 +379,7 @@ def check_sample(sample, config: RewardConfig | None = None) -> str:
     if reward_type == "math":
         if check_math(None, gt, config.math_timeout_s) != "ok":
             raise _unparsable_math_gt(sample, gt)
-    scorer = _open_scorer(sample, config) if reward_type == "open" else None
+    scorer = config.open_scorer if reward_type == "open" else None
     if hasattr(scorer, "check"):
         scorer.check(sample)  # the toy scorer: meta["scene"] lists the objects
     return reward_type
@@ -415,11 +408,11 @@ def _reward(response: str, sample: dict, config: RewardConfig, reference_scores:
 
 
 def _is_correct(reward: float, reward_type: str, sample: dict, config: RewardConfig) -> bool:
-    """Whether the reward counts as a correct answer (the accuracy of eval.py and the GRPO logs)."""
+    """Whether the reward counts as a correct answer (the accuracy of evaluate.py and the GRPO logs)."""
     if reward_type == "iou":
         return reward >= IOU_CORRECT
     if reward_type == "open":
-        return reward > 0 if _open_scorer(sample, config).relative else reward >= SIMILARITY_CORRECT
+        return reward > 0 if config.open_scorer.relative else reward >= SIMILARITY_CORRECT
     return reward == 1.0
 
 
