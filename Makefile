@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# The CPU build on this machine's disk; GPU users: make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+# A CPU build (on the development machine it comes from the local disk); GPU users: make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 # (or any torch already installed in $(VENV) is kept as it is).
 TORCH_SPEC ?= torch==2.13.0
 

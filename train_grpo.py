@@ -263,6 +263,8 @@ def main(cfg: GRPOConfig) -> dict:
             per_rank={"generator": generator.get_state()})
 
     before_rows, probes = evaluate_before(run, eval_records, records, history, rollout_log)
+    if start_step == 0 and rollout_log.due(0):
+        sample_probes(run, rollout_log, probes, step=0)  # the viewer's step 0: the probes before any update
     progress = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, desc="grpo",
                     dynamic_ncols=True, disable=not distributed.is_main())
     for step in progress:  # 1-based: the step that is running
@@ -490,11 +492,16 @@ def print_samples(batch: StepBatch) -> None:
 def log_rollout(run: Run, rollout_log: RolloutLog, batch: StepBatch, step: int, probes: list[dict]) -> None:
     """The viewer's entries of a logged step: its first groups re-scored after the update, and G fresh samples
     of each probe (python -m vlaa_min.view)."""
-    cfg = run.cfg
     def updated_logprobs(ids: torch.Tensor) -> torch.Tensor:
         return logprobs_of(run.policy, run, batch, ids)[0]
 
-    rollout_log.log_rollout(step, batch, run.processor.tokenizer, updated_logprobs, kl_estimator=cfg.kl_estimator)
+    rollout_log.log_rollout(step, batch, run.processor.tokenizer, updated_logprobs, kl_estimator=run.cfg.kl_estimator)
+    sample_probes(run, rollout_log, probes, step)
+
+
+def sample_probes(run: Run, rollout_log: RolloutLog, probes: list[dict], step: int) -> None:
+    """G fresh samples of each probe, with the same seed at every logged step (not trained on)."""
+    cfg = run.cfg
     with distributed.gathered(run.policy):  # [distributed] one all-gather for the probes' generation
         _, probe_rows = evaluate.evaluate(
             run.policy, run.processor, probes, cfg.images, samples=cfg.group_size, temperature=cfg.temperature,

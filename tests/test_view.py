@@ -55,8 +55,8 @@ def run(tmp_path_factory):
 
 def test_grpo_writes_the_rollout_log(run):
     entries = read_metrics(os.path.join(run.out, "rollouts.jsonl"))
-    assert [(e["kind"], e["step"]) for e in entries] == [("eval", 0), ("train", 2), ("probe", 2), ("train", 4),
-                                                           ("probe", 4), ("eval", 4)]
+    assert [(e["kind"], e["step"]) for e in entries] == [("eval", 0), ("probe", 0), ("train", 2), ("probe", 2),
+                                                           ("train", 4), ("probe", 4), ("eval", 4)]
     # The probes: the first `groups` held-out questions answered wrong before training, G samples each.
     wrong_before = [g["id"] for g in entries[0]["groups"] if not g["completions"][0]["correct"]]
     assert wrong_before, "a random init should get some of the held-out questions wrong"
@@ -152,7 +152,9 @@ needs_chromium = pytest.mark.skipif(_chromium() is None, reason="no Chromium ins
 @needs_chromium
 def test_the_page_works_in_headless_chromium(run, tmp_path):
     out = view.main([run.out, "--out", str(tmp_path / "page.html")])
-    assert _selftest_in_chromium(out, tmp_path).startswith("selftest: ok steps=2 cards=16,16 compared=6 heldout=2 ")
+    # The slider's first position is step 0, the probes before training (2 x G = 8 cards); its last, step 4: two
+    # training groups and the two probes (16).
+    assert _selftest_in_chromium(out, tmp_path).startswith("selftest: ok steps=2 cards=8,16 compared=6 heldout=2 ")
 
 
 @pytest.mark.slow

@@ -11,10 +11,11 @@ Per token: the text piece, log pi_old (the rollout policy), and, re-scored right
 ratio pi_new / pi_old and the KL estimate of pi_new against the reference (against pi_old when there is none).
 A training step is logged every `every` steps, its first `groups` groups (the sampler's order is random), and
 with it kind "probe": G fresh samples (same seed each time) for each of `groups` fixed prompts (train_grpo picks
-held-out questions the base answered wrong), so that one prompt can be seen early and late; held-out answers
-(kind "eval", greedy) are logged at each eval. Probes and evals have no per-token values. So the file holds at
-most 2 x steps / every entries of groups x G completions of at most max_new_tokens tokens each, plus the evals. On
-resume the entries past the resumed step are dropped, as metrics.jsonl's lines are.
+held-out questions the base answered wrong, and once at step 0, before any update), so that one prompt can be
+seen early and late; held-out answers (kind "eval", greedy) are logged at each eval. Probes and evals have no
+per-token values. So the file holds at most 2 x steps / every + 1 entries of groups x G completions of at most
+max_new_tokens tokens each, plus the evals. On resume the entries past the resumed step are dropped, as
+metrics.jsonl's lines are.
 """
 
 import math
