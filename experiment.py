@@ -10,8 +10,9 @@ the "toy" one (vlaa_min/presets.py):
     sft-clean+grpo        GRPO after clean SFT
     sft-verified+grpo     GRPO after verified SFT                (the paper: SFT then GRPO ends lower)
     sft-pseudo+grpo       GRPO after pseudo SFT                  (the paper: SFT then GRPO ends lower)
-and writes <out>/results.md (held-out accuracy per reward type, response length, aha words per response) and
-<out>/curves.png (reward and response length of the four GRPO runs: the paper's Fig. 6 in miniature).
+and writes <out>/results.md (held-out accuracy per reward type, response length, the share that reasons, whether
+the steps agree with the answer, aha words per response) and <out>/curves.png (reward, accuracy, reasoning share and
+response length of the four GRPO runs: the paper's Fig. 6 in miniature).
 Finished runs are reused, and an interrupted one resumes from its last checkpoint.
 
     make experiment            # = python experiment.py --base runs/base/model --out runs/experiment
@@ -83,8 +84,8 @@ def main(cfg: ExperimentConfig) -> str:
         f.write("Held-out accuracy (%) per reward type, greedy decoding; mean response length in tokens.\n\n")
         f.write(table + "\n")
     png = plot_curves({name: os.path.join(cfg.out, name, "metrics.jsonl") for name in histories},
-                      ["reward", "completion_length", "accuracy", "kl"], os.path.join(cfg.out, "curves.png"),
-                      title="GRPO from the base vs after SFT (toy world)")
+                      ["reward", "accuracy", "reasoning_share", "completion_length"],
+                      os.path.join(cfg.out, "curves.png"), title="GRPO from the base vs after SFT (toy world)")
     print(table)
     print(f"report: {report}  figure: {png}")
     return report
