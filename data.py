@@ -386,11 +386,11 @@ def check_prompt_lengths(records: RecordList, path, processor, images_root, limi
 
 
 def check_sft_lengths(records: RecordList, path, processor, images_root, limit: int, flag: str, *,
-                      skip_bad: bool = False, truncate: bool = False, truncate_flag: str = "--truncate") -> RecordList:
+                      skip_bad: bool = False, truncate: bool = False) -> RecordList:
     """The SFT records whose whole sample -- prompt (images included), answer and the <|im_end|> that closes it --
     fits `limit` tokens. A longer one raises DataError with its token counts, or is skipped and counted when
-    skip_bad. truncate (the user's choice, `truncate_flag`) keeps the records whose answer overflows, to be cut to
-    fit, and prints how many; a prompt that leaves no room for an answer is never kept."""
+    skip_bad. truncate (train_sft.py's --truncate true: the user's choice) keeps the records whose answer overflows,
+    to be cut to fit, and prints how many; a prompt that leaves no room for an answer is never kept."""
     cut = []
 
     def problem(record: dict, where: str) -> DataError | None:
@@ -401,7 +401,7 @@ def check_sft_lengths(records: RecordList, path, processor, images_root, limit: 
         if prompt >= limit or not truncate:
             return _long_prompt(where, prompt, limit, flag, leave_room=True) or DataError(
                 where, "answer", f"the sample is {prompt + answer} tokens (prompt {prompt}, image included, + answer "
-                f"{answer}), more than {flag} {limit}; raise it, or cut such answers with {truncate_flag} true",
+                f"{answer}), more than {flag} {limit}; raise it, or cut such answers with --truncate true",
                 "too_long")
         cut.append(where)
         return None
@@ -409,7 +409,7 @@ def check_sft_lengths(records: RecordList, path, processor, images_root, limit: 
     kept = _check_each(records, path, problem, skip_bad)
     if cut:
         print(f"{path}: {len(cut)} of {len(kept)} record(s) are longer than {flag} {limit}; their answers are cut "
-              f"to fit ({truncate_flag} true), e.g. {cut[0]}")
+              f"to fit (--truncate true), e.g. {cut[0]}")
     return kept
 
 

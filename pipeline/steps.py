@@ -22,8 +22,8 @@ import data
 import rewards
 from pipeline import prompts
 from pipeline.backends import Backend, ChatRequest, PipelineError
-from pipeline.step_files import (Outcome, StepOutput, drop, drop_not_utf8, read_jsonl, read_step_input, run_model_step,
-                                 with_trail)
+from pipeline.step_files import (Outcome, StepOutput, drop, drop_not_utf8, read_jsonl, read_step_input,
+                                 run_model_step, with_trail)
 
 PIPELINE_FIELDS = ("answer", "ds_answer", "caption")  # written by the pipeline, never imported from a source
 
