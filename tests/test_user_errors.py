@@ -105,7 +105,8 @@ def test_a_bad_model_path_under_two_torchrun_processes_prints_one_line_per_proce
     """Through vlaa_min.infra.launch, as `make grpo NPROC=2 MODEL=/nonexistent` runs it: each rank prints its one
     line and exits with 2; torchrun adds no ChildFailedError traceback and exits with 2."""
     command = [sys.executable, "-m", "vlaa_min.infra.launch", "--standalone", "--nproc_per_node", "2",
-               "train_grpo.py", "--model", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+               "train_grpo.py", "--model", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out"),
+               "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=180,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     message = f"error: --model {tmp_path / 'nonexistent'}: no such directory (a local checkpoint folder is needed)"
