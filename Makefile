@@ -21,12 +21,13 @@ ARGS   ?=
 # CONTROL=0: make grpo skips the SFT control. EVAL_SIZE: the toy held-out questions of make grpo and make eval.
 CONTROL   ?= 1
 EVAL_SIZE ?= 500
-# NPROC=N runs `make sft` / `make grpo` as N processes (GPUs, or CPU processes without one) under torchrun, FSDP2.
+# NPROC=N runs `make sft` / `make grpo` as N processes (GPUs, or CPU processes without one) under torchrun, FSDP2;
+# through vlaa_min.infra.launch, torchrun that adds no traceback to a worker's one-line error.
 NPROC  ?= 1
 ifeq ($(NPROC),1)
 TRAIN  := $(PY)
 else
-TRAIN  := $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
+TRAIN  := $(PY) -m vlaa_min.infra.launch --standalone --nproc_per_node $(NPROC)
 endif
 
 # Every recipe is a named preset in vlaa_min/presets.py (toy-base, toy-sft, toy, paper); ARGS overrides any value.

@@ -9,7 +9,8 @@ VLAA-Thinking's JSON: "id", "image" (path relative to an images root; absent, nu
   the json module and validates EVERY record before training starts (normalise_record lists the checks). An
   error names the file, the line (JSON lines) or the record and its line (JSON arrays), the id and the field:
   "<file>:<line> [id <id>]: <field>: <problem>". skip_bad=True skips bad records instead and counts them.
-- `check_prompt_lengths`: every prompt fits the trainer's length limit, once a processor is loaded.
+- `check_prompt_lengths`: every prompt fits the trainer's length limit, once a processor is loaded;
+  `check_sft_lengths`: every whole SFT sample (prompt + answer) does, or is cut only when the user asked for it.
 - `EpochSampler`: a deterministic permutation per epoch, batches across epoch boundaries, exact resume.
 - `encode_prompt` / `encode_sft` / `collate_prompts` / `collate_sft`: records -> the processor's batches.
 
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 import rewards
+from vlaa_min.infra.cli import UserError
 from vlaa_min.processor import MAX_ASPECT_RATIO
 
 SKIP_REPORT_EXAMPLES = 5  # how many skipped-record messages skip_bad prints
@@ -43,8 +45,9 @@ IMAGE_PLACEHOLDER = "<image>"
 AHA_WORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
 
 
-class DataError(ValueError):
-    """A bad data file or record: "<where>: <field>: <problem>". `kind` is a short code used for skip counts."""
+class DataError(UserError, ValueError):
+    """A bad data file or record: "<where>: <field>: <problem>". `kind` is a short code used for skip counts.
+    A UserError: the scripts print it in one line, without a traceback."""
 
     def __init__(self, where: str, field: str, problem: str, kind: str):
         super().__init__(f"{where}: {field}: {problem}")
@@ -70,14 +73,14 @@ _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # the bytes that are not UTF-8, as su
 
 
 def _read_text(path: Path) -> str:
-    """The file's text; bytes that are not UTF-8 stay as lone surrogates, for _require_utf8 to place."""
+    """The file's text; bytes that are not UTF-8 stay as lone surrogates, for require_utf8 to place."""
     try:
         return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # -sig: tolerate a byte order mark
     except FileNotFoundError:
         raise DataError(str(path), "file", "not found", "file") from None
 
 
-def _require_utf8(text: str, path: str, first_line: int = 1) -> None:
+def require_utf8(text: str, path: str, first_line: int = 1) -> None:
     """Raise DataError at the first byte of `text` that is not UTF-8, naming its line and column."""
     bad = _NOT_UTF8.search(text)
     if bad is None:
@@ -137,7 +140,7 @@ def _json_lines_items(text: str, path: str, skip_bad: bool, skipped: Counter, me
 
 def _json_line(line: str, path: str, line_number: int):
     """The value on one line of a JSON-lines file; DataError when it is not UTF-8 or not JSON."""
-    _require_utf8(line, path, line_number)
+    require_utf8(line, path, line_number)
     try:
         return json.loads(line)
     except json.JSONDecodeError as error:
@@ -328,7 +331,7 @@ def load_records(path, images_root=None, *, require_answer: bool = False, skip_b
     skipped: Counter = Counter()
     messages: list[str] = []
     if not text.startswith("{", start):  # one JSON value, not lines: a bad byte cannot be skipped
-        _require_utf8(text, str(path))
+        require_utf8(text, str(path))
     if text.startswith("[", start):
         items = _json_array_items(text, str(path))
     elif text.startswith("{", start):
@@ -376,23 +379,68 @@ def check_prompt_lengths(records: RecordList, path, processor, images_root, limi
                          leave_room: bool, skip_bad: bool = False) -> RecordList:
     """The records whose prompt (images included) fits `limit` tokens, with room for one answer token when
     leave_room (SFT); a longer one raises DataError naming the flag, or is skipped and counted when skip_bad."""
+    def problem(record: dict, where: str) -> DataError | None:
+        return _long_prompt(where, _prompt_length(record, processor, images_root), limit, flag, leave_room)
+
+    return _check_each(records, path, problem, skip_bad)
+
+
+def check_sft_lengths(records: RecordList, path, processor, images_root, limit: int, flag: str, *,
+                      skip_bad: bool = False, truncate: bool = False) -> RecordList:
+    """The SFT records whose whole sample -- prompt (images included), answer and the <|im_end|> that closes it --
+    fits `limit` tokens. A longer one raises DataError with its token counts, or is skipped and counted when
+    skip_bad. truncate (train_sft.py's --truncate true: the user's choice) keeps the records whose answer overflows,
+    to be cut to fit, and prints how many; a prompt that leaves no room for an answer is never kept."""
+    cut = []
+
+    def problem(record: dict, where: str) -> DataError | None:
+        prompt = _prompt_length(record, processor, images_root)
+        answer = processor.target_length(record["answer"])
+        if prompt + answer <= limit:
+            return None
+        if prompt >= limit or not truncate:
+            return _long_prompt(where, prompt, limit, flag, leave_room=True) or DataError(
+                where, "answer", f"the sample is {prompt + answer} tokens (prompt {prompt}, image included, + answer "
+                f"{answer}), more than {flag} {limit}; raise it, or cut such answers with --truncate true",
+                "too_long")
+        cut.append(where)
+        return None
+
+    kept = _check_each(records, path, problem, skip_bad)
+    if cut:
+        print(f"{path}: {len(cut)} of {len(kept)} record(s) are longer than {flag} {limit}; their answers are cut "
+              f"to fit (--truncate true), e.g. {cut[0]}")
+    return kept
+
+
+def _long_prompt(where: str, length: int, limit: int, flag: str, leave_room: bool) -> DataError | None:
+    if length <= limit - leave_room:
+        return None
+    return DataError(where, "question", f"the prompt is {length} tokens (image included), more than {flag} {limit} "
+                     f"allows" + (" with room for an answer" if leave_room else ""), "too_long")
+
+
+def _prompt_length(record: dict, processor, images_root) -> int:
+    sizes = []
+    if record.get("image"):
+        with Image.open(Path(images_root) / record["image"]) as image:  # reads the header, not the pixels
+            sizes.append(image.size)
+    return processor.prompt_length(record["question"], sizes)
+
+
+def _check_each(records: RecordList, path, problem, skip_bad: bool) -> RecordList:
+    """The records for which problem(record, where) gives no DataError; one raises, or is skipped and counted
+    when skip_bad."""
     kept, skipped, messages = RecordList(where=records.where), Counter(), []
     for record in records:
-        sizes = []
-        if record.get("image"):
-            with Image.open(Path(images_root) / record["image"]) as image:  # reads the header, not the pixels
-                sizes.append(image.size)
-        length = processor.prompt_length(record["question"], sizes)
-        if length > limit - leave_room:
-            error = DataError(f"{records.where.get(record['id'], path)} [id {record['id']}]", "question",
-                              f"the prompt is {length} tokens (image included), more than {flag} {limit} allows"
-                              + (" with room for an answer" if leave_room else ""), "too_long")
-            if not skip_bad:
-                raise error
+        error = problem(record, f"{records.where.get(record['id'], path)} [id {record['id']}]")
+        if error is None:
+            kept.append(record)
+        elif not skip_bad:
+            raise error
+        else:
             skipped[error.kind] += 1
             messages.append(str(error))
-            continue
-        kept.append(record)
     kept.skipped = records.skipped + skipped
     _report_skipped(str(path), skipped, kept, messages)
     return kept

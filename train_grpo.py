@@ -49,8 +49,8 @@ from vlaa_min.grpo_loss import (
 )
 from vlaa_min.infra import distributed
 from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
-from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, open_run,
-                                       release_lock)
+from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, on_rank_0,
+                                       open_run, release_lock)
 from vlaa_min.infra.runtime import autocast, resolve_dtype, seed_everything
 from vlaa_min.infra.train_state import resume_training, save_checkpoint, save_model
 from vlaa_min.logprobs import completion_logprobs
@@ -214,7 +214,7 @@ def main(cfg: GRPOConfig) -> dict:
     world = distributed.world_size()  # one process: 1
     check_world_size(cfg, world)
     print_config(cfg)
-    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
+    on_rank_0(check_out_folder, cfg.out, cfg.resume, cfg.overwrite)  # under torchrun: every rank stops
     check_model_dir(cfg.model)
     seed_everything(cfg.seed)
     precision = resolve_dtype(cfg.precision, device)

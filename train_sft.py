@@ -42,7 +42,8 @@ from vlaa_min.logprobs import masked_logprobs
 from vlaa_min.metrics import MetricsLogger
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
-from vlaa_min.infra.run_folder import check_finite, check_model_dir, check_out_folder, file_sha256, open_run, release_lock
+from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, on_rank_0,
+                                       open_run, release_lock)
 from vlaa_min.infra.runtime import autocast, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
 from vlaa_min.infra.train_state import resume_training, save_checkpoint, save_model
@@ -84,6 +85,8 @@ class SFTConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
     overwrite: bool = field(default=False, metadata={"help": "delete what --out holds and start again"})
     skip_bad: bool = field(default=False, metadata={"help": "skip invalid records (reported) instead of failing"})
+    truncate: bool = field(default=False, metadata={"help": "cut the answers of samples longer than --max-length to "
+                                                            "fit (counted at start) instead of refusing them"})
 
     def __post_init__(self):
         check_sizes(self, positive=("epochs", "batch_size", "micro_batch_size", "lr", "max_length"),
@@ -119,7 +122,7 @@ def main(cfg: SFTConfig) -> str:
     device = distributed.setup(cfg.device)  # [distributed] joins torchrun's job if there is one
     rank, world = distributed.rank(), distributed.world_size()  # one process: 0, 1
     print_config(cfg)
-    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
+    on_rank_0(check_out_folder, cfg.out, cfg.resume, cfg.overwrite)  # under torchrun: every rank stops
     check_model_dir(cfg.model)
     seed_everything(cfg.seed)
     precision = resolve_dtype(cfg.precision, device)
@@ -132,8 +135,8 @@ def main(cfg: SFTConfig) -> str:
 
     def load(path: str) -> list[dict]:
         records = data.load_records(path, cfg.images, require_answer=True, skip_bad=cfg.skip_bad)
-        return data.check_prompt_lengths(records, path, processor, cfg.images, cfg.max_length, "--max-length",
-                                         leave_room=True, skip_bad=cfg.skip_bad)
+        return data.check_sft_lengths(records, path, processor, cfg.images, cfg.max_length, "--max-length",
+                                      skip_bad=cfg.skip_bad, truncate=cfg.truncate)
 
     records = load(cfg.data)
     if cfg.eval_data:

@@ -2,13 +2,14 @@
 
 import sys
 
-import data
 from pipeline.backends import BackendError, PipelineError
 from pipeline.cli import main
+from vlaa_min.infra.cli import EXPECTED_ERROR, UserError
 
 try:
     sys.exit(main())
-except (PipelineError, BackendError, data.DataError) as error:
-    sys.exit(f"error: {error}")
+except (PipelineError, BackendError, UserError) as error:  # UserError: data.DataError, a flag's ConfigError
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(EXPECTED_ERROR)
 except KeyboardInterrupt:
     sys.exit("interrupted: every finished record is saved; rerun the same command to continue")

@@ -1,6 +1,7 @@
 """The pipeline's command line: one step, or all six in order into a work folder (see pipeline/__init__.py).
 
-The exit status is 1 when some record failed (a rerun retries only those), else 0.
+The exit status is 1 when some record failed (a rerun retries only those), 2 on an error the message explains
+(bad flags, a missing or unreadable file: `python -m pipeline`), else 0.
 """
 
 import argparse
@@ -12,7 +13,7 @@ from pathlib import Path
 from pipeline.backends import Backend, LocalBackend, PipelineError
 from pipeline.openai_http import OpenAIBackend
 from pipeline.steps import step_caption, step_distill, step_metadata, step_rewrite, step_split, step_verify
-from vlaa_min.infra.cli import build_parser, config_to_dict, print_config
+from vlaa_min.infra.cli import ConfigError, build_parser, config_to_dict, print_config
 
 STEPS = ("metadata", "caption", "distill", "rewrite", "verify", "split")
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -62,7 +63,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         if self.max_length_change < 0 or self.batch_size < 1:
-            raise ValueError("--max-length-change must be >= 0 and --batch-size >= 1")
+            raise ConfigError("--max-length-change must be >= 0 and --batch-size >= 1")
 
 
 def _required(cfg: PipelineConfig, step: str, *names: str) -> None:

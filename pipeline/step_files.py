@@ -1,7 +1,8 @@
 """The resumable files of a pipeline step, and the loop that asks a backend for every record.
 
 Every step appends each finished record to OUT (kept) or OUT.dropped.jsonl (id, reason, detail) and flushes, and
-on start skips the ids already in either file, so a crash or Ctrl-C loses at most the records in flight. A torn
+on start skips the ids already in either file, so a crash or Ctrl-C loses at most the records in flight. An input
+line that is not UTF-8 is dropped (reason not_utf8, its file:line and byte in the detail), not read. A torn
 last line (a crash mid-write) is cut off and that record redone. A record whose request failed (retries used up,
 a rejected request) is written nowhere: it is reported, and a rerun retries it. OUT.stats.json holds the counts:
 kept, dropped by reason, failed, pending.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import data
 from pipeline.backends import Backend, BackendError, ChatRequest, PipelineError
 
 FAILURES_SHOWN = 5
@@ -41,13 +43,22 @@ def cut_torn_tail(path: Path) -> bool:
     return True
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each non-blank line; a line that is not a JSON object raises PipelineError."""
-    with open(path, encoding="utf-8") as f:
+def read_jsonl(path: Path, not_utf8: list | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each non-blank line; a line that is not a JSON object raises PipelineError. A line that
+    is not UTF-8 raises data.DataError, or, when `not_utf8` is given (a step's input), is skipped and appended to
+    it as (default id "<file stem>:<line>", the DataError naming the line and byte)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:  # a bad byte stays, for require_utf8
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
+            try:
+                data.require_utf8(line, str(path), number)
+            except data.DataError as error:
+                if not_utf8 is None:
+                    raise
+                not_utf8.append((f"{path.stem}:{number}", error))
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -58,13 +69,14 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             yield where, record
 
 
-def read_step_input(path, required: tuple[str, ...]) -> list[dict]:
-    """The records of a step's input file; each needs a unique string "id" and the `required` fields."""
+def read_step_input(path, required: tuple[str, ...]) -> tuple[list[dict], list[tuple[str, "data.DataError"]]]:
+    """The records of a step's input file, each with a unique string "id" and the `required` fields, and the lines
+    that are not UTF-8 ((id, error): for drop_not_utf8)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: input file not found")
-    records, seen = [], {}
-    for where, record in read_jsonl(path):
+    records, seen, not_utf8 = [], {}, []
+    for where, record in read_jsonl(path, not_utf8):
         record_id = record.get("id")
         if not isinstance(record_id, str) or not record_id:
             raise PipelineError(f"{where}: id: missing or not a string (run the metadata step first)")
@@ -75,7 +87,15 @@ def read_step_input(path, required: tuple[str, ...]) -> list[dict]:
             if record.get(name) in (None, ""):
                 raise PipelineError(f"{where} [id {record_id}]: {name}: missing (written by an earlier step)")
         records.append(record)
-    return records
+    return records, not_utf8
+
+
+def drop_not_utf8(output: "StepOutput", not_utf8: list[tuple[str, "data.DataError"]]) -> None:
+    """Write each input line that is not UTF-8 to the step's dropped file (reason not_utf8), once, and say so."""
+    for record_id, error in not_utf8:
+        if record_id not in output.done:
+            print(f"{error}; dropped as {record_id}")
+            output.write(record_id, drop(error.kind, str(error)))
 
 
 @dataclass
@@ -216,8 +236,9 @@ def run_requests(records: list[dict], output: StepOutput, backend: Backend, prep
 def run_model_step(step: str, in_path, required: tuple[str, ...], out, backend: Backend, prepare, finish,
                    config: dict | None) -> dict:
     """A backend step from its input file to its output files; returns the stats."""
-    records = read_step_input(in_path, required)
+    records, not_utf8 = read_step_input(in_path, required)
     with StepOutput(step, {"out": Path(out)}) as output:
+        drop_not_utf8(output, not_utf8)
         run_requests(records, output, backend, prepare, finish)
-        return output.finish(len(records), config)
+        return output.finish(len(records) + len(not_utf8), config)
 

@@ -22,7 +22,8 @@ import data
 import rewards
 from pipeline import prompts
 from pipeline.backends import Backend, ChatRequest, PipelineError
-from pipeline.step_files import Outcome, StepOutput, drop, read_jsonl, read_step_input, run_model_step, with_trail
+from pipeline.step_files import (Outcome, StepOutput, drop, drop_not_utf8, read_jsonl, read_step_input,
+                                 run_model_step, with_trail)
 
 PIPELINE_FIELDS = ("answer", "ds_answer", "caption")  # written by the pipeline, never imported from a source
 
@@ -109,11 +110,13 @@ def _plain(text: str) -> str:
 
 
 def read_source(path: Path) -> list[tuple[str, object]]:
-    """(where, raw item) of a JSON array file or a JSON-lines file (told apart by the first character)."""
+    """(where, raw item) of a JSON array file or a JSON-lines file (told apart by the first character); the item
+    of a JSON line that is not UTF-8 is the data.DataError naming its line and byte."""
     if not path.is_file():
         raise PipelineError(f"{path}: source file not found")
-    text = path.read_text(encoding="utf-8-sig")
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # a bad byte stays, for require_utf8
     if text.lstrip().startswith("["):
+        data.require_utf8(text, str(path))  # one JSON value: a bad byte cannot be skipped
         try:
             items = json.loads(text)
         except json.JSONDecodeError as error:
@@ -122,6 +125,11 @@ def read_source(path: Path) -> list[tuple[str, object]]:
     items = []
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
+            try:
+                data.require_utf8(line, str(path), number)
+            except data.DataError as error:
+                items.append((f"{path}:{number}", error))  # dropped by step_metadata
+                continue
             try:
                 items.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
@@ -145,6 +153,9 @@ def step_metadata(source, out, images_root, verifier_type: str | None = None, co
     verified: dict = {}  # image files already checked (shared with data.py's validation)
 
     def imported(where, item, record_id) -> Outcome:
+        if isinstance(item, data.DataError):  # not UTF-8
+            print(f"{item}; dropped as {record_id}")
+            return drop(item.kind, str(item))
         raw = item
         if isinstance(item, dict):
             raw = {key: value for key, value in item.items() if key not in PIPELINE_FIELDS}
@@ -271,7 +282,7 @@ def step_verify(in_path, out, backend: Backend, *, max_tokens: int = 1024, tempe
 
 def step_split(in_path, sft_out, rl_out, images_root, config: dict | None = None) -> dict:
     """Step 6: records with an aha word -> rl_out, the rest -> sft_out; each validated as the trainers load it."""
-    records = read_step_input(in_path, ("question", "gt", "answer"))
+    records, not_utf8 = read_step_input(in_path, ("question", "gt", "answer"))
     verified: dict = {}
 
     def split(record) -> Outcome:
@@ -284,10 +295,11 @@ def step_split(in_path, sft_out, rl_out, images_root, config: dict | None = None
         return Outcome(record=with_trail(checked, aha_words=found), output="rl" if found else "out")
 
     with StepOutput("split", {"out": Path(sft_out), "rl": Path(rl_out)}) as output:
+        drop_not_utf8(output, not_utf8)
         for record in records:
             if record["id"] not in output.done:
                 output.write(record["id"], split(record))
-        stats = output.finish(len(records), config)
+        stats = output.finish(len(records) + len(not_utf8), config)
     for path, count in stats["kept_by_file"].items():
         if count == 0:
             print(f"  note: {path} is empty; the trainers need at least one record")

@@ -332,6 +332,10 @@ class Processor:
         text_ids = self.tokenizer.encode(self.prompt_text(question, len(image_sizes)), add_special_tokens=False)
         return len(text_ids) - len(image_sizes) + sum(h * w // factor**2 for h, w in resized)
 
+    def target_length(self, response: str) -> int:
+        """The tokens encode_sft trains on for `response`: the response's and the <|im_end|> that closes it."""
+        return len(self.tokenizer.encode(response, add_special_tokens=False)) + 1
+
     def encode_prompt(
         self, question: str, images: list[Image.Image], max_length: int | None = None
     ) -> EncodedPrompt:

@@ -9,9 +9,11 @@ taken from the field's `metadata["help"]` -- and back, and saves the resolved co
         lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     cfg = parse_config(Config)          # python script.py --lr 3e-5
 
-A script's entry point is `run_script(main, Config, doc)`: a `UserError` (bad flags, bad data, a run that cannot
-go on) ends the process with its message and exit code 1, not a traceback. A misspelt flag is answered with the
-closest real one ("unknown flag --lerning-rate; did you mean --lr?", exit code 2).
+A script's entry point is `run_script(main, Config, doc)`: a `UserError` (bad flags, paths or data, a refused
+resume, a run that cannot go on) ends the process with its message -- one line, or a short list -- and exit code
+EXPECTED_ERROR (2), not a traceback; under torchrun every rank does (vlaa_min.infra.launch keeps torchrun quiet
+about it). A misspelt flag is answered with the closest real one ("unknown flag --lerning-rate; did you mean
+--lr?", exit code 2, argparse's). Any other exception is a bug and keeps its traceback (exit code 1).
 """
 
 import argparse
@@ -24,6 +26,8 @@ import typing
 
 from vlaa_min.infra import distributed
 from vlaa_min.presets import presets_of
+
+EXPECTED_ERROR = 2  # the exit code of an error whose message says what to fix (argparse's too); a bug exits 1
 
 
 class UserError(Exception):
@@ -144,7 +148,8 @@ def run_script(main, config_cls, doc: str) -> None:
     try:
         main(config)
     except UserError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXPECTED_ERROR)
     finally:
         distributed.shutdown()  # under torchrun: leave the process group cleanly
 

@@ -154,6 +154,15 @@ def all_gather_objects(value) -> list:
     return gathered_values
 
 
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (`value` itself in one process)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def full_norm(norm: torch.Tensor) -> float:
     """clip_grad_norm_ returns a DTensor for sharded gradients: its value as a float."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

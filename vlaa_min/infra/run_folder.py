@@ -1,6 +1,6 @@
 """One run per folder: claimed under a lock, never mixed with another run, resumed only as it was trained.
 
-    check_out_folder(cfg.out, cfg.resume, cfg.overwrite)   # first thing: refuse a folder that holds another run
+    on_rank_0(check_out_folder, cfg.out, cfg.resume, cfg.overwrite)  # first: refuse a folder that holds another run
     ... load and check the inputs ...
     lock, resumed = open_run(cfg.out, settings, resume=cfg.resume, overwrite=cfg.overwrite, safe=RESUME_SAFE)
 
@@ -123,19 +123,43 @@ def open_run(out: str, settings: dict, *, resume: bool, overwrite: bool, safe: f
     Under torchrun rank 0 claims and prepares the folder; the other ranks wait for it, then load the same
     checkpoint (their lock is None).
     """
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 below: claimed, cleaned, broken checkpoints deleted
+    claimed = on_rank_0(_claim_run, out, settings, resume=resume, overwrite=overwrite, safe=safe)
+    if not distributed.is_main():  # rank 0 has claimed and cleaned the folder, and deleted broken checkpoints
         return None, load_newest(out) if resume else None
-    try:
-        return _claim_run(out, settings, resume=resume, overwrite=overwrite, safe=safe)
-    finally:
-        distributed.barrier()
+    return claimed
+
+
+def on_rank_0(check, *args, **kwargs):
+    """check(*args, **kwargs) on rank 0 alone, the other ranks waiting for it; its error is raised on every rank.
+    So a check only rank 0 makes (the --out folder, the lock, resume's settings) stops every rank with its message,
+    not rank 0 alone while the others crash on a collective it left. Every rank must call it (a collective)."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = check(*args, **kwargs)
+        except Exception as raised:
+            error = raised
+    message = distributed.broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return result
 
 
 def _claim_run(out: str, settings: dict, *, resume: bool, overwrite: bool, safe: frozenset[str]):
     check_out_folder(out, resume, overwrite)
     os.makedirs(out, exist_ok=True)
     lock = take_lock(out)
+    try:
+        return lock, _prepare_run(out, settings, resume=resume, overwrite=overwrite, safe=safe)
+    except BaseException:
+        release_lock(lock)  # a refused resume (or any stop here) leaves no lock for the next run to take over
+        raise
+
+
+def _prepare_run(out: str, settings: dict, *, resume: bool, overwrite: bool, safe: frozenset[str]):
+    """The claimed folder made ready: emptied (overwrite), leftovers cleaned, the checkpoint to resume checked."""
     check_out_folder(out, resume, overwrite)  # again, under the lock: another run may have started meanwhile
     if overwrite:
         for name in os.listdir(out):
@@ -151,7 +175,7 @@ def _claim_run(out: str, settings: dict, *, resume: bool, overwrite: bool, safe:
     if resumed:
         check_resume_settings(resumed[0], resumed[1].get("settings", {}), settings, safe)
     save_config(settings, os.path.join(out, "config.json"))
-    return lock, resumed
+    return resumed
 
 
 def check_finite(step: int, out: str, **values: float) -> None:
