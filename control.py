@@ -29,10 +29,10 @@ import evaluate
 import train_grpo
 import train_sft
 from vlaa_min.infra.cli import UserError, load_config, print_config, run_script
+from vlaa_min.infra.runtime import resolve_device, resolve_dtype
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
-from vlaa_min.infra.runtime import resolve_device, resolve_dtype
 
 
 @dataclass

@@ -34,12 +34,12 @@ from tqdm import tqdm
 import data
 import rewards
 import toyworld
-from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.generate import Engine, SamplingParams
-from vlaa_min.model import VLModel
-from vlaa_min.processor import Processor
+from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.infra.run_folder import check_model_dir, check_out_folder
 from vlaa_min.infra.runtime import autocast, resolve_device, resolve_dtype
+from vlaa_min.model import VLModel
+from vlaa_min.processor import Processor
 
 
 @dataclass

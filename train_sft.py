@@ -38,15 +38,15 @@ from tqdm import tqdm
 import data
 from vlaa_min.infra import distributed
 from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
+from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, on_rank_0,
+                                       open_run, release_lock)
+from vlaa_min.infra.runtime import autocast, resolve_dtype, seed_everything
+from vlaa_min.infra.train_state import resume_training, save_checkpoint, save_model
 from vlaa_min.logprobs import masked_logprobs
 from vlaa_min.metrics import MetricsLogger
 from vlaa_min.model import VLModel
 from vlaa_min.processor import Processor
-from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, on_rank_0,
-                                       open_run, release_lock)
-from vlaa_min.infra.runtime import autocast, resolve_dtype, seed_everything
 from vlaa_min.schedule import cosine_with_warmup
-from vlaa_min.infra.train_state import resume_training, save_checkpoint, save_model
 
 # Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
 RESUME_SAFE = frozenset({"eval_every", "save_every", "device", "compile", "gradient_checkpointing", "skip_bad"})

@@ -31,8 +31,8 @@ import torch
 
 from generate import CONFIGS, make_prompts, model_config_for  # bench/generate.py: the rollout bench's setup
 from vlaa_min.cache import GroupedKVCache, KVCache
-from vlaa_min.infra.cli import parse_config, print_config
 from vlaa_min.generate import Engine, SamplingParams
+from vlaa_min.infra.cli import parse_config, print_config
 from vlaa_min.model import VLModel
 
 

@@ -35,13 +35,13 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from vlaa_min.infra.cli import ConfigError, parse_config, print_config
 from vlaa_min.config import ModelConfig
 from vlaa_min.generate import Engine, SamplingParams
+from vlaa_min.infra.cli import ConfigError, parse_config, print_config
+from vlaa_min.infra.runtime import resolve_device, resolve_dtype
 from vlaa_min.model import VLModel, _hf_to_ours
 from vlaa_min.processor import SYSTEM_PROMPT, ImageProcessor, PromptBatch
 from vlaa_min.rope import mrope_position_ids
-from vlaa_min.infra.runtime import resolve_device, resolve_dtype
 
 CONFIGS = ("tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b")
 PRESETS = {"qwen2.5-vl-": ModelConfig.qwen2_5_vl, "qwen3-vl-": ModelConfig.qwen3_vl}  # --config prefix -> widths

@@ -35,16 +35,16 @@ sys.path.insert(0, str(REPO))  # train_sft.py / train_grpo.py are top-level scri
 
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
-from vlaa_min.infra import distributed  # noqa: E402
 from vlaa_min.config import ModelConfig  # noqa: E402
 from vlaa_min.generate import Engine, SamplingParams  # noqa: E402
 from vlaa_min.grpo_loss import policy_loss  # noqa: E402
+from vlaa_min.infra import distributed  # noqa: E402
+from vlaa_min.infra.runtime import autocast, resolve_dtype  # noqa: E402
 from vlaa_min.logprobs import completion_logprobs, masked_logprobs  # noqa: E402
 from vlaa_min.model import VLModel  # noqa: E402
 from vlaa_min.presets import make_config  # noqa: E402
 from vlaa_min.processor import PromptBatch  # noqa: E402
 from vlaa_min.rope import mrope_position_ids  # noqa: E402
-from vlaa_min.infra.runtime import autocast, resolve_dtype  # noqa: E402
 
 SFT, GRPO = make_config(train_sft.SFTConfig, "paper"), make_config(train_grpo.GRPOConfig, "paper")
 PHASES = ("sft", "grpo")

@@ -15,9 +15,9 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from vlaa_min.config import ModelConfig
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.grpo_loss import group_advantages, policy_loss
+from vlaa_min.infra.runtime import autocast
 from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.model import VLModel
-from vlaa_min.infra.runtime import autocast
 from tests import test_generate
 from tests.helpers import randomize_
 from tests.test_generate import IMAGE, MIXED_PROMPTS, PAD, VOCAB, logprobs_by_forward, make_batch, make_model

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 import data
 import train_grpo
 import train_sft
-from vlaa_min.infra import distributed
-from vlaa_min.infra.cli import ConfigError, UserError
 from vlaa_min.config import ModelConfig
 from vlaa_min.generate import Rollout
+from vlaa_min.infra import distributed
+from vlaa_min.infra.cli import ConfigError, UserError
 from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import read_metrics
 from vlaa_min.model import VLModel

@@ -12,8 +12,8 @@ import torch
 import evaluate
 import rewards
 import toyworld
-from vlaa_min.infra.cli import ConfigError, UserError
 from vlaa_min.generate import Rollout
+from vlaa_min.infra.cli import ConfigError, UserError
 from vlaa_min.processor import Processor
 from vlaa_min.tokenizer import build_tokenizer
 from vlaa_min.toy_model import build_toy_checkpoint

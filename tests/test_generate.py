@@ -11,9 +11,9 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration,
 )
 
+from vlaa_min.config import ModelConfig
 from vlaa_min.generate import Engine, SamplingParams, filter_logits, inverse_cdf_sample, sample_tokens
 from vlaa_min.logprobs import sequence_logprobs
-from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel
 from vlaa_min.processor import PromptBatch
 from vlaa_min.rope import mrope_position_ids

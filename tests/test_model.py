@@ -21,9 +21,9 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlaa_min.infra.checkpoint import atomic_directory, load_state_dict, save_state_dict
 from vlaa_min.cache import GroupedKVCache, KVCache, attention_mask_4d
 from vlaa_min.config import ModelConfig
+from vlaa_min.infra.checkpoint import atomic_directory, load_state_dict, save_state_dict
 from vlaa_min.model import VLModel, _hf_to_ours
 from vlaa_min.rope import mrope_position_ids, next_position_ids
 from tests.helpers import randomize_

@@ -27,10 +27,10 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 
 import data
 import train_grpo
+from vlaa_min.config import ModelConfig
 from vlaa_min.infra.rehearsal import (
     ADDED_TOKENS, FIRST_ADDED_ID, GENERATION_CONFIG, reference_prompt, write_checkpoint, write_records,
 )
-from vlaa_min.config import ModelConfig
 from vlaa_min.model import VLModel
 from vlaa_min.presets import make_config
 from vlaa_min.processor import SYSTEM_PROMPT, Processor

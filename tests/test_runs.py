@@ -16,10 +16,10 @@ import torch
 import train_grpo
 import train_sft
 from vlaa_min.infra.cli import UserError
+from vlaa_min.infra.train_state import save_model
 from vlaa_min.metrics import plot_curves
 from vlaa_min.model import VLModel
 from vlaa_min.toy_model import build_toy_checkpoint
-from vlaa_min.infra.train_state import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Which letter is right?\nA. one\nB. two\nC. three\nD. four"

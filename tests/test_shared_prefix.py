@@ -9,8 +9,8 @@ DeepStack included).
 import pytest
 import torch
 
-from vlaa_min.logprobs import completion_logprobs, masked_logprobs, sequence_logprobs, shared_prefix_length
 from vlaa_min.cache import KVCache
+from vlaa_min.logprobs import completion_logprobs, masked_logprobs, sequence_logprobs, shared_prefix_length
 from tests.test_generate import IMAGE, MIXED_PROMPTS, PAD, make_batch, make_model, positions
 
 MODEL_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]

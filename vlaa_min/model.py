@@ -36,8 +36,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from vlaa_min.cache import GroupedKVCache, KVCache, Past, PrefixKV, causal_mask, fold_mask, grouped_attention
-from vlaa_min.infra.checkpoint import atomic_directory, load_state_dict, save_state_dict
 from vlaa_min.config import Family, ModelConfig, TextConfig
+from vlaa_min.infra.checkpoint import atomic_directory, load_state_dict, save_state_dict
 from vlaa_min.layers import RMSNorm, SwiGLU, apply_rotary, inverse_frequencies
 from vlaa_min.vision import VisionTower
 

@@ -17,8 +17,8 @@ import os
 
 import torch
 
-from vlaa_min.infra.cli import FlagParser
 from vlaa_min.config import MODEL_TYPES, ModelConfig
+from vlaa_min.infra.cli import FlagParser
 from vlaa_min.model import VLModel
 from vlaa_min.processor import SYSTEM_PROMPT, ImageProcessor, Processor
 from vlaa_min.tokenizer import build_tokenizer, special_token_ids
