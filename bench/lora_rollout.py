@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from generate import BenchConfig, make_prompts, model_config_for  # noqa: E402  (bench/generate.py)
 
 from vlaa_min import lora  # noqa: E402

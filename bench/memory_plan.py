@@ -142,10 +142,12 @@ def fitting_flags(c: Counts, mode: str, checkpointing: bool, card: int) -> str:
                 for prompt_tokens in (2048, 1024):
                     s = Setting(prompts=prompts, micro=micro, new_tokens=new_tokens, prompt_tokens=prompt_tokens)
                     if max(phases(c, s, mode, checkpointing).values()) <= card * 1e9:
+                        batch = min(PAPER["train_batch_size"], prompts * PAPER["group_size"])
                         flags = [f"--prompts-per-step {prompts}" if prompts != 512 else "",
+                                 f"--train-batch-size {batch}" if batch != PAPER["train_batch_size"] else "",
                                  f"--micro-batch-size {micro}" if micro != 8 else "",
                                  f"--max-new-tokens {new_tokens}" if new_tokens != 1024 else "",
-                                 "--max-pixels 401408 (prompts <= 1024 tokens)" if prompt_tokens != 2048 else ""]
+                                 "--max-pixels 401408 --max-prompt-length 1024" if prompt_tokens != 2048 else ""]
                         return " ".join(f for f in flags if f) or "the paper preset"
     return "does not fit"
 
