@@ -17,6 +17,8 @@ zero-variance groups are options, off by default. The vision tower is frozen by 
 
     make grpo                                   # toy world, CPU: data + base if missing, then GRPO and eval
     make grpo MODEL=Qwen2.5-VL-3B-Instruct DATA=VLAA-Thinking-GRPO-25K.json IMAGES=images   # add NPROC=N: FSDP2
+--lora-rank R: LoRA on the decoder (vlaa_min/lora.py), the reference is the policy with its adapters off, and
+checkpoints hold the adapter.
 Resume with the same command plus --resume true. Under torchrun each rank samples its share of the prompts (a
 prompt's G samples stay on their rank); normaliser, KL controller and metrics are global (the [distributed] lines).
 """
@@ -36,6 +38,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import rewards
+from vlaa_min import lora
 from vlaa_min.generate import Engine, Rollout, SamplingParams
 from vlaa_min.grpo_loss import (
     AGGREGATIONS,
@@ -108,6 +111,13 @@ class GRPOConfig:
     kl_estimator: str = field(default="k3", metadata={"help": "|".join(KL_ESTIMATORS)})
     freeze_vision: bool = field(default=True, metadata={"help": "keep the vision tower fixed"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank r on the decoder (0 = full fine-tuning); the "
+                                                        "KL reference is then the policy with its adapters off"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha: the update is (alpha / r) B A"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_targets: str = field(default=lora.DEFAULT_TARGETS, metadata={"help": "decoder linears LoRA adapts"})
+    lora_rollout: str = field(default="merged", metadata={"help": "rollouts with the adapters merged into the "
+                                                                  "weights or through the adapters: merged|adapters"})
     # reward
     require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
     open_scorer: str | None = field(default=TOY_SCORER, metadata={"help": "open-ended scorer, module:attr (none = "
@@ -146,6 +156,10 @@ class GRPOConfig:
             raise ConfigError("GRPO needs --group-size >= 2 to form a baseline")
         if self.loss_aggregation not in AGGREGATIONS or self.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"--loss-aggregation in {AGGREGATIONS}, --kl-estimator in {KL_ESTIMATORS}")
+        lora.check_flags(self)
+        if self.lora_rollout not in lora.ROLLOUT_MODES:
+            raise ConfigError(f"--lora-rollout must be one of {'|'.join(lora.ROLLOUT_MODES)}, "
+                              f"got {self.lora_rollout}")
 
 
 @dataclass
@@ -216,6 +230,8 @@ def main(cfg: GRPOConfig) -> dict:
     print_config(cfg)
     on_rank_0(check_out_folder, cfg.out, cfg.resume, cfg.overwrite)  # under torchrun: every rank stops
     check_model_dir(cfg.model)
+    if cfg.lora_rank:
+        lora.check_targets(cfg.model, cfg.lora_targets)  # before any weight is read
     seed_everything(cfg.seed)
     precision = resolve_dtype(cfg.precision, device)
     processor = Processor.from_pretrained(cfg.model, cfg.max_pixels)
@@ -273,7 +289,9 @@ def main(cfg: GRPOConfig) -> dict:
         step_records = [records[i] for i in sampler.next_batch(cfg.prompts_per_step)]
         encoded = [data.encode_prompt(r, processor, cfg.images, cfg.max_prompt_length) for r in step_records]
         policy.eval()
-        with distributed.gathered(policy), autocast(device, precision):  # [distributed] one all-gather per rollout
+        with (distributed.gathered(policy),  # [distributed] one all-gather per rollout
+              lora.rollout_weights(policy, cfg.lora_rollout),  # LoRA: the adapters merged or not
+              autocast(device, precision)):
             rollout = engine.generate(processor.collate_prompts(encoded).to(device), cfg.group_size, sampling,
                                       generator)
         policy.train()
@@ -300,7 +318,7 @@ def main(cfg: GRPOConfig) -> dict:
         # --- reference log-probs, once per rollout
         if reference is not None and len(trained):
             batch.ref_logp = torch.zeros(batch.rollout.logprobs.shape, device=device)  # (N, L)
-            with torch.no_grad():
+            with torch.no_grad(), lora.adapters_off(reference):  # with LoRA the reference is the base: no adapters
                 for micro in chunks(trained, cfg.micro_batch_size):
                     logp, _, mask = logprobs_of(reference, run, batch, micro)
                     batch.ref_logp[micro.to(device), : mask.shape[1]] = logp.float()
@@ -421,12 +439,18 @@ def load_data(cfg: GRPOConfig, processor: Processor, rewards_cfg) -> tuple[list[
 
 def load_models(cfg: GRPOConfig, device: torch.device, precision: torch.dtype) -> tuple[VLModel, VLModel | None]:
     """The policy in fp32 (the vision tower frozen unless told) and its frozen copy, the reference (None when
-    beta stays 0), both sharded under torchrun."""
-    policy = VLModel.from_pretrained(cfg.model, dtype=torch.float32, device=device)
+    beta stays 0), both sharded under torchrun. With LoRA: a frozen base (bf16 on a GPU) with fp32 adapters, and
+    the reference is the policy itself, run with its adapters off."""
+    policy = VLModel.from_pretrained(cfg.model, dtype=lora.base_dtype(cfg.lora_rank, device), device=device)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.freeze_vision:
         policy.visual.requires_grad_(False)
     reference = None
+    if cfg.lora_rank:
+        lora.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, base=cfg.model)
+        distributed.shard(policy, device)
+        print(lora.describe(policy) + "\n" + lora.rollout_note(policy, cfg.lora_rollout))
+        return policy, policy if cfg.kl_init > 0 else None
     if cfg.kl_init > 0:
         reference = copy.deepcopy(policy).to(precision if device.type == "cuda" else torch.float32).eval()
         reference.requires_grad_(False)

@@ -24,6 +24,7 @@ Runs:
     python train_sft.py --preset paper --model Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json \
         --images images --out runs/sft-3b
 Resume with the same command plus --resume true; on N GPUs (FSDP2, each rank a share of the batch): NPROC=N.
+--lora-rank R trains LoRA adapters on the decoder instead (vlaa_min/lora.py); checkpoints then hold the adapter.
 """
 
 import dataclasses
@@ -36,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from vlaa_min import lora
 from vlaa_min.infra import distributed
 from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, on_rank_0,
@@ -74,6 +76,10 @@ class SFTConfig:
     max_pixels: int = field(default=0, metadata={"help": "cap on an image's resized area (0 = the model's "
                                                          "preprocessor_config.json); 28*28*N: at most N image tokens"})
     freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower (the paper does)"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank r on the decoder (0 = full fine-tuning)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha: the update is (alpha / r) B A"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_targets: str = field(default=lora.DEFAULT_TARGETS, metadata={"help": "decoder linears LoRA adapts"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (opt-in)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
@@ -95,6 +101,7 @@ class SFTConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
                              f"{self.micro_batch_size}")
+        lora.check_flags(self)
 
 
 def sft_loss_sum(model, batch, device, precision) -> tuple[torch.Tensor, int]:
@@ -124,6 +131,8 @@ def main(cfg: SFTConfig) -> str:
     print_config(cfg)
     on_rank_0(check_out_folder, cfg.out, cfg.resume, cfg.overwrite)  # under torchrun: every rank stops
     check_model_dir(cfg.model)
+    if cfg.lora_rank:
+        lora.check_targets(cfg.model, cfg.lora_targets)  # before any weight is read
     seed_everything(cfg.seed)
     precision = resolve_dtype(cfg.precision, device)
     if cfg.batch_size % (cfg.micro_batch_size * world):  # [distributed] each rank: whole micro-batches
@@ -153,10 +162,14 @@ def main(cfg: SFTConfig) -> str:
           f"({accumulation} x {cfg.micro_batch_size})")
 
     # --- model, optimizer, schedule
-    model = VLModel.from_pretrained(cfg.model, dtype=torch.float32, device=device)  # fp32 master weights
+    # fp32 master weights; with LoRA a frozen base (bf16 on a GPU) and fp32 adapters, the only ones that train
+    model = VLModel.from_pretrained(cfg.model, dtype=lora.base_dtype(cfg.lora_rank, device), device=device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.freeze_vision:
         model.visual.requires_grad_(False)
+    if cfg.lora_rank:
+        lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, base=cfg.model)
+        print(lora.describe(model))
     distributed.shard(model, device)  # [distributed] FSDP2; a no-op in one process
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

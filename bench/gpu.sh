@@ -48,3 +48,8 @@ part bench_3b_g8 170 $PY bench/generate.py --config qwen2.5-vl-3b --prompts 8 --
 part bench_3b_g4 150 $PY bench/generate.py --config qwen2.5-vl-3b --prompts 8 --samples 4 --new-tokens 512 --repeats 2
 part bench_qwen3_2b_g8 170 $PY bench/generate.py --config qwen3-vl-2b --prompts 8 --samples 8 --new-tokens 512 --repeats 2
 part bench_tiny 50 $PY bench/generate.py --device cuda --repeats 5
+# LoRA (issue 30): merged vs unmerged rollouts at 3B widths, and the memory plan's count against the measured peaks
+part lora_rollout_3b 120 $PY bench/lora_rollout.py --config qwen2.5-vl-3b --prompts 8 --samples 4 --new-tokens 256 \
+    --repeats 2 --device cuda
+part memory_3b_lora 200 $PY bench/memory.py --size 3b --ranks 1 --lora-rank 16 --prompts 16 --new-tokens 256 \
+    --prompt-length 1024 --device cuda

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))  # train_sft.py / train_grpo.py are top-level scri
 
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
+from vlaa_min import lora  # noqa: E402
 from vlaa_min.config import ModelConfig  # noqa: E402
 from vlaa_min.generate import Engine, SamplingParams  # noqa: E402
 from vlaa_min.grpo_loss import policy_loss  # noqa: E402
@@ -97,6 +98,9 @@ def build(args, device: torch.device, dtype: torch.dtype = torch.float32) -> VLM
     model.visual.requires_grad_(False)
     model.gradient_checkpointing = args.gradient_checkpointing
     model.to(dtype)
+    if args.lora_rank:  # LoRA: a frozen base (bf16 on a GPU) and fp32 adapters; the reference is not built
+        model.to(lora.base_dtype(args.lora_rank, device))
+        lora.apply_lora(model, args.lora_rank, 2.0 * args.lora_rank, 0.0, lora.DEFAULT_TARGETS)
     if distributed.is_distributed():
         return distributed.shard(model, device)  # shards go to the device unit by unit
     return model.to(device)
@@ -139,8 +143,11 @@ def sft_phase(args, device, precision) -> dict:
 
 def grpo_phase(args, device, precision) -> dict:
     policy = build(args, device)
-    reference = build(args, device, dtype=precision)  # frozen, in compute precision like train_grpo's
-    reference.requires_grad_(False)
+    if args.lora_rank:  # the reference is the policy with its adapters off
+        reference = policy
+    else:
+        reference = build(args, device, dtype=precision)  # frozen, in compute precision like train_grpo's
+        reference.requires_grad_(False)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=GRPO.lr, betas=(0.9, 0.95))
     prompts = synthetic_prompts(policy.config, args.prompts // distributed.world_size(), args.prompt_length,
@@ -153,7 +160,7 @@ def grpo_phase(args, device, precision) -> dict:
     result = {}
     reset_peak(device)
     started = time.perf_counter()
-    with distributed.gathered(policy), autocast(device, precision):
+    with distributed.gathered(policy), lora.rollout_weights(policy, "merged"), autocast(device, precision):
         rollout = engine.generate(prompts, args.group_size, sampling, generator)
     result |= {"rollout_gib": peak_gib(device), "rollout_s": time.perf_counter() - started}
 
@@ -164,7 +171,7 @@ def grpo_phase(args, device, precision) -> dict:
         distinct, prompt_rows = torch.unique(rollout.prompt_index[micro], return_inverse=True)  # each prompt once
         ids, lengths = rollout.completion_ids[micro], rollout.completion_lengths[micro]
         mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
-        with torch.no_grad(), autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision), lora.adapters_off(reference):
             ref, _ = completion_logprobs(reference, select(prompts, distinct), ids, lengths, GRPO.temperature,
                                          prompt_rows=prompt_rows)
         with autocast(device, precision):
@@ -231,6 +238,7 @@ def main() -> None:
     parser.add_argument("--sft-micro", type=int, default=SFT.micro_batch_size)
     parser.add_argument("--image-size", type=int, default=448, help="side of each prompt's square image (pixels)")
     parser.add_argument("--update-micro-batches", type=int, default=2, help="micro-batches timed in the update")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA on the decoder (0 = full fine-tuning)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # set for the worker processes
     parser.add_argument("--result", help=argparse.SUPPRESS)

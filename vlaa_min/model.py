@@ -11,7 +11,7 @@ keys/values in cache.py):
     added to them after the first decoder layers), the decoder, the tied or untied lm_head; `forward` gives
     logits (or hidden states), `encode_prefix` a PrefixKV;
   * `VLModel.from_pretrained` / `save_pretrained`: Hugging Face checkpoints (config.json + safetensors,
-    single file or sharded), the ones transformers loads and saves.
+    single file or sharded), the ones transformers loads and saves (and LoRA adapter directories: lora.py).
 
 The paper trains the released Qwen2-VL / Qwen2.5-VL checkpoints, so this is their architecture (and Qwen3-VL's)
 unchanged (its logits match transformers' in fp32: tests/test_model.py). Differences from
@@ -303,8 +303,13 @@ class VLModel(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> "VLModel":
-        """Load config.json + model.safetensors (or a sharded index) in either naming layout."""
+        """Load config.json + model.safetensors (or a sharded index) in either naming layout; a LoRA adapter
+        directory (adapter_config.json: vlaa_min/lora.py) loads as its base with the adapter folded in."""
         path = Path(path)
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            from vlaa_min import lora  # lora.py builds on this file
+
+            return lora.fold_(lora.load_lora_model(path, dtype=dtype, device=device))
         config_file = path / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{config_file} not found")

@@ -187,12 +187,13 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
-def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Full weights (every rank has them) into the model, each rank keeping its shard."""
+def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Full weights (every rank has them) into the model, each rank keeping its shard. strict=False: only some
+    of the model's tensors (a LoRA adapter's)."""
     if not isinstance(model, FSDPModule):
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, strict=strict)
         return
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

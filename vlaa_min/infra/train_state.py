@@ -1,7 +1,8 @@
 """Training checkpoints that resume exactly, written atomically.
 
 A checkpoint is a directory that is at once a Hugging Face model directory (config.json, safetensors, tokenizer,
-preprocessor_config.json -- load it with transformers or with our VLModel.from_pretrained) and a resumable training
+preprocessor_config.json -- load it with transformers or with our VLModel.from_pretrained; with LoRA a PEFT adapter
+directory instead of config.json + safetensors, vlaa_min/lora.py) and a resumable training
 state (trainer_state.pt: step, optimizer, scheduler, data sampler, every RNG, and whatever else the trainer passes,
 e.g. the KL controller). It is written into a temporary directory and renamed into place, so a crash mid-save
 leaves the previous checkpoints intact and never a half-written one. The final model directory is written the same
@@ -25,6 +26,7 @@ import torch
 
 from vlaa_min.infra import distributed
 from vlaa_min.infra.checkpoint import atomic_directory
+from vlaa_min import lora
 from vlaa_min.infra.cli import UserError
 from vlaa_min.model import VLModel
 
@@ -67,12 +69,16 @@ def latest_checkpoint(out_dir: str) -> str | None:
 def save_model(directory: str, model, processor, state: dict | None = None) -> None:
     """Weights, config, tokenizer, processor (and a trainer state) as one unit: all of them or the old directory.
 
-    Under torchrun every rank calls it (the weights are gathered) and rank 0 writes.
+    A model with LoRA adapters writes only them, in PEFT's format (vlaa_min/lora.py). Under torchrun every rank
+    calls it (the weights are gathered) and rank 0 writes.
     """
     weights = distributed.model_state(model)
     if distributed.is_main():
         with atomic_directory(directory) as tmp:
-            model.save_pretrained(tmp, state_dict=weights)
+            if lora.lora_layers(model):
+                lora.save_adapter(tmp, model, state_dict=weights)
+            else:
+                model.save_pretrained(tmp, state_dict=weights)
             processor.save_pretrained(tmp)
             if state is not None:
                 torch.save(state, os.path.join(tmp, STATE_FILE))
@@ -117,7 +123,8 @@ def load_newest(out_dir: str) -> tuple[str, dict, dict] | None:
         path = checkpoint_dir(out_dir, step)
         try:
             state = load_state(path)
-            weights = VLModel.from_pretrained(path).state_dict()
+            weights = (lora.read_adapter(path)[1] if lora.is_adapter(path)
+                       else VLModel.from_pretrained(path).state_dict())
         except Exception as error:  # any failure to load makes the checkpoint unusable; say which and why
             print(f"skipping checkpoint {path}: it does not load ({type(error).__name__}: {error})")
             broken.append(path)
@@ -143,8 +150,14 @@ def resume_training(checkpoint: str, state: dict, weights: dict, model, optimize
                         f"(NPROC={saved_world}), not {world}")
     if world > 1:
         state = state | state["ranks"][distributed.rank()]
-    distributed.load_model_state(model, {name: tensor.to(next(model.parameters()).dtype)
-                                         for name, tensor in weights.items()})
+    own = model.state_dict()  # each tensor back in its own dtype (a LoRA base may be bf16, its adapters fp32)
+    weights = {name: tensor.to(own[name].dtype) if name in own else tensor for name, tensor in weights.items()}
+    if lora.lora_layers(model):  # an adapter checkpoint: the adapters, the frozen base stays as loaded
+        if set(weights) != set(lora.adapter_state(own)):
+            raise UserError(f"{checkpoint}: its adapter does not match this run's --lora-targets / --lora-rank")
+        distributed.load_model_state(model, weights, strict=False)
+    else:
+        distributed.load_model_state(model, weights)
     distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
