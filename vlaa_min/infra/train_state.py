@@ -24,9 +24,9 @@ import shutil
 import numpy as np
 import torch
 
+from vlaa_min import lora
 from vlaa_min.infra import distributed
 from vlaa_min.infra.checkpoint import atomic_directory
-from vlaa_min import lora
 from vlaa_min.infra.cli import UserError
 from vlaa_min.model import VLModel
 
