@@ -20,6 +20,8 @@ before sharding. The GRPO update is timed on --update-micro-batches micro-batche
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import subprocess
@@ -111,6 +113,9 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        # glibc keeps freed heap pages resident (the last phase's tensors); hand them back first, so that the
+        # peak starts from live memory as max_memory_allocated's does on a GPU
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current resident set
             f.write("5")
 
@@ -157,6 +162,11 @@ def grpo_phase(args, device, precision) -> dict:
                               stop_token_ids=(policy.config.eos_token_id,),
                               banned_token_ids=(policy.config.image_token_id,))
     generator = torch.Generator(device=device).manual_seed(distributed.rank())
+    # one optimizer step (zero gradients) first: every rollout from step 2 on holds the AdamW moments
+    for parameter in trainable:
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     result = {}
     reset_peak(device)
     started = time.perf_counter()

@@ -12,12 +12,15 @@ the model built on the meta device), at the paper preset (vlaa_min/presets.py) u
   reference  + one no-grad forward of a micro-batch (m / G prompts x S + m x new tokens): one layer's transient
              + a logits chunk (2^27 fp32 logits, x 3)
   update     + fp32 gradients 4 T (LoRA: counted in 16 A) + the activations saved for backward: per token and
-             decoder layer 22 D + 8 D_kv + 8 I bytes (bf16 tensors, the two RMSNorms' fp32 inputs), or with
-             gradient checkpointing 2 D (each layer's input) plus one layer's 22 D + 8 D_kv + 8 I, + logits chunk
+             decoder layer 22 D + 8 D_kv + 8 I bytes in bf16 (+ 10 D full, + 2 r per adapted linear LoRA;
+             saved_per_layer), or with gradient checkpointing each layer's input (full: 4 D, its residual stream
+             is fp32; LoRA: 2 D) plus one layer's; + autocast's bf16 copies of fp32 weights, saved for backward
+             (full: 2 x the decoder's linears and the head; LoRA: 2 A), one layer's under checkpointing; + logits
 The allocator's fragmentation and CUDA's context (~0.5-1 GB) are not counted: read "fits" with that margin.
 
     python bench/memory_plan.py                      # the table of docs/memory.md
     python bench/memory_plan.py --check              # the count against bench/memory.py's CPU measurement
+    python bench/memory_plan.py --saved              # the activation terms against autograd's saved bytes
 """
 
 import argparse
@@ -74,6 +77,9 @@ class Counts:
     trainable: int  # all but the vision tower
     adapted: int  # the weights LoRA adapts
     adapter: int  # the adapters' parameters at the given rank
+    rank_products: int  # r x the adapted linears of one layer: the rank-r values LoRA saves a token and layer
+    layer_linears: int  # one decoder layer's nn.Linear weights
+    head: int  # lm_head's weight
     layers: int
     hidden: int
     kv_width: int  # D_kv = kv heads x head dim
@@ -92,8 +98,12 @@ def count(config: ModelConfig, rank: int, targets: str = lora.DEFAULT_TARGETS) -
                 module, nn.Linear):
             adapted += module.weight.numel()
             adapter += rank * (module.in_features + module.out_features)
+    layer = model.language_model.layers[0]
+    adapted_per_layer = sum(name.rsplit(".", 1)[-1] in targets.split(",") for name, _ in layer.named_modules())
+    layer_linears = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
     text = config.text
-    return Counts(params, params - vision, adapted, adapter, text.num_hidden_layers, text.hidden_size,
+    return Counts(params, params - vision, adapted, adapter, rank * adapted_per_layer, layer_linears,
+                  model.lm_head.weight.numel(), text.num_hidden_layers, text.hidden_size,
                   text.num_key_value_heads * text.head_dim, text.intermediate_size, text.vocab_size)
 
 
@@ -124,13 +134,38 @@ def phases(c: Counts, s: Setting, mode: str, checkpointing: bool, weight_bytes: 
     tokens = (s.micro // s.group or 1) * s.prompt_tokens + s.micro * s.new_tokens  # shared prefix: once per prompt
     logits = 3 * 4 * min(LOGITS_CHUNK, tokens * c.vocab)
     reference = resident + b * tokens * layer_transient + logits
-    saved_per_layer = 22 * c.hidden + 8 * c.kv_width + 8 * c.intermediate  # bytes a token
+    per_layer = saved_per_layer(c, mode, b)
+    # full fine-tuning's residual stream is in the master weights' dtype (the embedding's output, fp32 + bf16 sums)
+    residual = master if mode == "full" else b
+    casts = weight_copies(c, mode, b, master, 1 if checkpointing else c.layers)
     if checkpointing:
-        activations = tokens * (c.layers * b * c.hidden + saved_per_layer)
+        activations = tokens * (c.layers * residual * c.hidden + per_layer)
     else:
-        activations = tokens * c.layers * saved_per_layer
-    update = resident + grads + activations + logits
+        activations = tokens * c.layers * per_layer
+    update = resident + grads + activations + casts + logits
     return {"rollout": rollout, "reference": reference, "update": update}
+
+
+def saved_per_layer(c: Counts, mode: str, compute_bytes: int) -> int:
+    """Bytes a token that one decoder layer saves for backward (`--saved` measures them). Kept, per token: both
+    RMSNorms' inputs (fp32 in both dtypes), the linears' inputs, q, k, v and attention's output, the MLP's four
+    (d_ff,) tensors (gate, act(gate), up, their product); full fine-tuning also the two normalised values (for the
+    norms' weights' gradients), LoRA each adapted linear's rank-r product A x (for B's gradient)."""
+    d, kv, ff = c.hidden, c.kv_width, c.intermediate
+    if compute_bytes == 4:  # fp32 throughout (a CPU run): 9 (full) or 7 (LoRA) D-wide tensors, 4 bytes each
+        base = 28 * d + 8 * kv + 16 * ff
+        return base + (8 * d if mode == "full" else 4 * c.rank_products)
+    # bf16 autocast: norm inputs fp32, the rest bf16; full fine-tuning's fp32 norm weights give fp32 products
+    base = 22 * d + 8 * kv + 8 * ff
+    return base + (10 * d if mode == "full" else 2 * c.rank_products)
+
+
+def weight_copies(c: Counts, mode: str, compute_bytes: int, master: int, layers: int) -> int:
+    """Bytes of autocast's low-precision copies of fp32 weights, saved for backward in `layers` layers at once (one
+    under gradient checkpointing): full fine-tuning's linears and head, LoRA's adapters (always fp32)."""
+    if mode == "full":
+        return compute_bytes * (c.head + layers * c.layer_linears) if compute_bytes < master else 0
+    return compute_bytes * c.adapter // c.layers * layers if compute_bytes < 4 else 0
 
 
 def fitting_flags(c: Counts, mode: str, checkpointing: bool, card: int) -> str:
@@ -199,6 +234,51 @@ def check() -> None:
                   f"{100 * (counted[phase] / GIB - got) / got:+.0f}% |")
 
 
+def saved() -> None:
+    """saved_per_layer (+ autocast's weight copies) against what autograd saves: one decoder layer's share (a
+    2-layer minus a 1-layer forward) at 3B widths, counted by storage, parameters excluded; fp32 and CPU autocast
+    bf16 (the same casts as CUDA's autocast)."""
+    batch, length, rank = 2, 64, 16
+    print(f"one decoder layer's saved bytes, {batch} x {length} tokens, Qwen2.5-VL-3B widths\n"
+          "| mode | compute | counted MiB | measured MiB | error |\n|---|---|---|---|---|")
+    for mode in ("full", "lora"):
+        for dtype in (torch.float32, torch.bfloat16):
+            one, two = (saved_bytes(layers, mode, rank, dtype, batch, length) for layers in (1, 2))
+            config = ModelConfig.qwen2_5_vl("3b", layers=2)
+            c, b = count(config, rank), dtype.itemsize
+            copies = weight_copies(c, mode, b, 4, 2) - weight_copies(c, mode, b, 4, 1)  # one layer's share
+            counted = batch * length * saved_per_layer(c, mode, b) + copies
+            print(f"| {mode} | {str(dtype)[6:]} | {counted / 2**20:.2f} | {(two - one) / 2**20:.2f} | "
+                  f"{100 * (counted - (two - one)) / (two - one):+.1f}% |")
+
+
+def saved_bytes(layers: int, mode: str, rank: int, dtype: torch.dtype, batch: int, length: int) -> int:
+    """Bytes autograd saves (parameters excluded) in one training forward of a text batch, `layers` deep."""
+    torch.manual_seed(0)
+    config = ModelConfig.qwen2_5_vl("3b", layers=layers, vision_depth=1)
+    config.text.vocab_size = 1024  # the head is outside the layers: any size
+    model = VLModel(config).train()
+    model.visual.requires_grad_(False)
+    if mode == "lora":  # as bench/memory.py builds it: the base in the compute dtype, fp32 adapters
+        model.to(dtype)
+        lora.apply_lora(model, rank, 2.0 * rank, 0.0, lora.DEFAULT_TARGETS)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, 1000, (batch, length))
+    with (torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32),
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor)):
+        model(ids, torch.arange(length).expand(3, batch, length), torch.ones_like(ids, dtype=torch.bool),
+              return_hidden=True)
+    return sum(storages.values())
+
+
 def baseline_gib() -> float:
     code = ("import sys; sys.path.insert(0, 'bench'); import memory; from pathlib import Path; "
             "s = Path('/proc/self/status').read_text(); "
@@ -211,9 +291,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the LoRA rows")
     parser.add_argument("--check", action="store_true", help="the count against a measured CPU run")
+    parser.add_argument("--saved", action="store_true", help="the activation count against autograd's saved bytes")
     args = parser.parse_args()
     if args.check:
         check()
+    elif args.saved:
+        saved()
     else:
         print(table(args.rank))
 
