@@ -5,14 +5,16 @@ download); K cuts the depth so that a CPU can run it. The steps are the trainers
 Engine.generate inside distributed.gathered, completion_logprobs, policy_loss, AdamW) at the paper presets of
 vlaa_min/presets.py: SFT micro-batches of 4 x --max-length 2048 tokens; GRPO 512 prompts x G 4 shared by the
 ranks, prompts of --max-prompt-length 1024 tokens (SPEC: 1024 / 1024), 1024 new tokens, micro-batches of 8,
-beta > 0 (a sharded reference). Each prompt holds one --image-size image. Random weights rarely emit a stop
-token, so every completion runs to the budget: the worst case a real rollout can reach.
+beta > 0 (a sharded reference); the rollout runs after one optimizer step (zero gradients), so it holds the
+AdamW moments as every rollout from step 2 on does. Each prompt holds one --image-size image. Random weights rarely
+emit a stop token, so every completion runs to the budget: the worst case a real rollout can reach.
 
 Each (ranks, gradient checkpointing) pair runs in fresh processes (torchrun for N > 1), one per phase. Reported per
 rank, the maximum over ranks: the peak of torch.cuda.max_memory_allocated on GPU; on CPU the peak resident set
-(VmHWM, reset before the phase), which also counts the Python process and the host copy every rank builds
-before sharding. The GRPO update is timed on --update-micro-batches micro-batches and scaled to the step's count
-(mu x rollout rows per rank / micro-batch). A phase that runs out of memory is reported as OOM.
+(VmHWM, reset before the phase once glibc has returned its freed pages), which also counts the Python process and
+the host copy every rank builds before sharding. The GRPO update is timed on --update-micro-batches micro-batches
+and scaled to the step's count (mu x rollout rows per rank / micro-batch). A phase that runs out of memory is
+reported as OOM.
 
     python bench/memory.py --size 7b --ranks 8                    # GPU node: the table for 1 and 8 GPUs
     python bench/memory.py --size 3b --layers 2 --vision-depth 2 --vocab-size 8192 --ranks 2 --prompts 2 \\
