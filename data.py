@@ -25,13 +25,14 @@ file's folder; "answer" is built from "ds_answer" when absent (build_answer).
 
 import json
 import math
+import os
 import re
 import warnings
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 import rewards
 from vlaa_min.infra.cli import UserError
@@ -170,7 +171,7 @@ def load_image(images_root, relative_path: str) -> Image.Image:
         raise DataError(str(images_root), "image", str(error), "unsafe_path") from None
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")  # a photo's EXIF rotation, as viewers show it
     except FileNotFoundError:
         raise DataError(str(path), "image", "file not found", "image_not_found") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL raises these on undecodable files
@@ -248,7 +249,11 @@ def _image_problem(path: Path) -> tuple[str, str] | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by size
             with Image.open(path) as opened:
                 width, height = opened.size
-                opened.verify()
+                cut_short_jpeg = opened.format == "JPEG" and not _ends_a_jpeg(path)
+                opened.verify()  # checks a PNG's chunks, but not a JPEG's data
+            if cut_short_jpeg:
+                with Image.open(path) as opened:
+                    opened.load()  # raises "image file is truncated"; a JPEG with bytes after its end decodes
     except Image.DecompressionBombError as error:
         return "image_too_large", f"{path}: {error}"
     except Exception as error:  # PIL signals corrupt files with many exception types
@@ -260,6 +265,14 @@ def _image_problem(path: Path) -> tuple[str, str] | None:
         return "image_unusable", (f"{path} is {width}x{height}: an aspect ratio above {MAX_ASPECT_RATIO}, which the "
                                   f"processor cannot resize")
     return None
+
+
+def _ends_a_jpeg(path: Path) -> bool:
+    """Whether the file's last two bytes are JPEG's end-of-image marker, which a file cut short lacks (the marker
+    cannot occur inside the compressed data, where a 0xFF byte is always followed by 0x00)."""
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read(2) == b"\xff\xd9"
 
 
 def normalise_record(record, where: str, images_root: Path, *, require_answer: bool, default_id: str,

@@ -35,6 +35,7 @@ import data
 import rewards
 import toyworld
 from vlaa_min.generate import Engine, SamplingParams
+from vlaa_min.infra.cli import ConfigError, UserError, check_sizes, print_config, run_script
 from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.infra.run_folder import check_model_dir, check_out_folder
 from vlaa_min.infra.runtime import autocast, resolve_device, resolve_dtype
@@ -172,7 +173,10 @@ def evaluate(model, processor, records: list[dict], images_root: str, *, samples
                 n = int(rollout.completion_lengths[row])
                 texts.append(processor.decode(rollout.completion_ids[row, :n].tolist()))
                 lens.append(n)
-            scored = rewards.compute_rewards(texts, [record] * samples, config=reward_config)
+            try:
+                scored = rewards.compute_rewards(texts, [record] * samples, config=reward_config)
+            except rewards.ScorerError as error:  # the --open-scorer failed: one line, not a traceback
+                raise UserError(str(error)) from None
             cut = rollout.finish_reasons[p * samples : (p + 1) * samples]
             rows.extend({"id": record.get("id"), "type": record["verifier_type"], "question": record["question"],
                          "gt": record["gt"], "response": t, **s, "length": n, "truncated": reason == "length"}

@@ -51,7 +51,7 @@ from vlaa_min.grpo_loss import (
     policy_loss,
 )
 from vlaa_min.infra import distributed
-from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
+from vlaa_min.infra.cli import ConfigError, UserError, check_sizes, print_config, run_script
 from vlaa_min.infra.run_folder import (check_finite, check_model_dir, check_out_folder, file_sha256, on_rank_0,
                                        open_run, release_lock)
 from vlaa_min.infra.runtime import autocast, resolve_dtype, seed_everything
@@ -143,9 +143,9 @@ class GRPOConfig:
         check_sizes(self, positive=("steps", "prompts_per_step", "group_size", "temperature", "max_new_tokens",
                                     "max_prompt_length", "train_batch_size", "micro_batch_size", "mu", "lr",
                                     "eval_batch_size"),
-                    non_negative=("eval_size", "max_pixels", "warmup_ratio", "weight_decay", "grad_clip", "kl_init",
-                                  "kl_target", "eval_every", "save_every", "sample_every", "log_rollouts_every",
-                                  "rollout_groups_per_log"))
+                    non_negative=("eval_size", "max_pixels", "warmup_ratio", "min_lr_ratio", "weight_decay",
+                                  "grad_clip", "kl_init", "kl_target", "eval_every", "save_every", "sample_every",
+                                  "log_rollouts_every", "rollout_groups_per_log"))
         rollout = self.prompts_per_step * self.group_size
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError(f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-batch-size")
@@ -296,12 +296,16 @@ def main(cfg: GRPOConfig) -> dict:
                                       generator)
         policy.train()
         batch = StepBatch(step_records, encoded, rollout.to("cpu"))  # rewards and advantages run on the host
+        check_finite(step, cfg.out, sample_logprobs=batch.rollout.logprobs.sum().item())  # NaN: diverged weights
         t1 = time.perf_counter()
 
         # --- reward: one per completion, by the sample's type
         batch.texts = [processor.decode(ids[: int(n)].tolist())
                        for ids, n in zip(batch.rollout.completion_ids, batch.lengths)]
-        batch.scores = rewards.compute_rewards(batch.texts, batch.samples(), config=rewards_cfg)
+        try:
+            batch.scores = rewards.compute_rewards(batch.texts, batch.samples(), config=rewards_cfg)
+        except rewards.ScorerError as error:  # the --open-scorer failed: stop with its line, as a NaN stops
+            raise UserError(f"step {step}: {error}; training stopped before the update") from None
         for score, text in zip(batch.scores, batch.texts):
             score["reasons"] = evaluate.reasons(text)  # for the log: does this completion reason first?
         batch.rewards = torch.tensor([s["reward"] for s in batch.scores]).view(len(step_records), cfg.group_size)

@@ -96,8 +96,8 @@ class SFTConfig:
 
     def __post_init__(self):
         check_sizes(self, positive=("epochs", "batch_size", "micro_batch_size", "lr", "max_length"),
-                    non_negative=("steps", "eval_size", "max_pixels", "warmup_ratio", "weight_decay", "grad_clip",
-                                  "eval_every", "save_every"))
+                    non_negative=("steps", "eval_size", "max_pixels", "warmup_ratio", "min_lr_ratio", "weight_decay",
+                                  "grad_clip", "eval_every", "save_every"))
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
                              f"{self.micro_batch_size}")

@@ -4,7 +4,7 @@ A sample is a data record (data.py) with "gt", a reward type ("verifier_type", o
 rewards/types.py) and optional "question" and "meta". The answer is the text of exactly one
 <answer>...</answer> block; a missing, repeated or empty block gives 0 (the paper's implicit format reward).
 
-    digit  the answer's numbers must all equal gt (Decimal: "3", "3.0", "03"); arithmetic ("3*3") gives 0
+    digit  the answer's numbers must all equal gt (Decimal: "3", "3.0", "03"); arithmetic ("3*3", "3+3", "3²") gives 0
     mcq    the answer must name exactly one option letter A-H ("B", "(b)", "option B", "\\boxed{B}") or be one
            option's text; a gt written as option text is mapped to its letter through the question's options
     math   symbolic equivalence with gt by Math-Verify, within the hard time limit math_timeout_s
@@ -16,8 +16,9 @@ Choices the paper leaves open: tags match case-insensitively; require_think (off
 first; number words zero..twenty count when the answer has no digits; a math answer over 1,000 characters gives
 0; beta = 1.0. The paper's reward model (InternLM-XComposer2.5-Reward) is replaced by token F1 with gt, or by any scorer
 named by its import path (the toy recipe's: toyworld:ToySceneScorer, the toy world's scene facts).
-Nothing here raises on model output; a bad sample raises SampleError naming the record and the field. GRPO sees a
-reward only through differences within a group (a constant or a scale cancels): docs/rewards.md.
+Nothing here raises on model output; a bad sample raises SampleError naming the record and the field, a failing
+open scorer ScorerError. GRPO sees a reward only through differences within a group (a constant or a scale
+cancels): docs/rewards.md.
 
     from rewards import compute_reward
     compute_reward("<think>...</think><answer>(B)</answer>", {"verifier_type": "mcq", "gt": "B"})
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from rewards.math_check import check_math
-from rewards.open_scorers import OpenScorer, TokenF1Scorer, load_scorer  # noqa: F401 (part of the API)
+from rewards.open_scorers import OpenScorer, ScorerError, TokenF1Scorer, load_scorer  # noqa: F401 (the API)
 from rewards.types import NUMBER_WORDS, REWARD_TYPES, SampleError, record_meta, resolve_type  # noqa: F401
 
 IOU_CORRECT = 0.5  # an iou answer is correct from this IoU on
@@ -103,7 +104,10 @@ def extract_answer(response: str, require_think: bool = False) -> tuple[str | No
 # A number: optional sign (not glued to a preceding word/number), digits with optional thousands groups and decimals.
 _NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b", re.IGNORECASE)
-_EXPRESSION = re.compile(r"\d\s*(?:[*/^=\u00d7\u00f7]|x\s*\d)")  # "3*3", "6/2", "3 x 3": arithmetic, not a number
+# Arithmetic, not a number: "3*3", "6/2", "3=3", "3!", "3²" (a superscript after a digit); "3+3", "3 - 3", "3 x 3",
+# "3 times 3" (an operator between two digits, so that "-3" and "3 x" stay numbers).
+_EXPRESSION = re.compile(r"\d\s*(?:[*/^=!\u00d7\u00f7\u00b2\u00b3\u00b9\u2070\u2074-\u2079]"
+                         r"|(?:[x+\-\u2212]|times|plus|minus|divided by|multiplied by)\s*\d)")
 
 
 def _to_decimal(number: str) -> Decimal:
@@ -321,21 +325,31 @@ def _iou_reward(answer: str, gt_box: list[float], width: float, height: float) -
 # --- open-ended ----------------------------------------------------------------------------------------------------
 # For a similarity scorer (relative=False) the paper's formula is identically 0 (the reference matches itself
 # best), so the reward is the similarity itself, clipped to [0, 1] [deviation]; it counts as correct from
-# SIMILARITY_CORRECT on (with F1, one shared word would count otherwise). Scorer exceptions are not caught: they
-# are bugs or infrastructure failures, not model output.
+# SIMILARITY_CORRECT on (with F1, one shared word would count otherwise). A SampleError from the scorer is a bad
+# sample; any other exception is a bug or a failed service, not model output: a ScorerError naming the scorer.
+
+
+def _score(scorer: OpenScorer, text: str, sample: dict) -> float:
+    try:
+        return float(scorer.score(text, sample))
+    except SampleError:
+        raise
+    except Exception as error:
+        raise ScorerError(f"record {sample.get('id')}: the open scorer {type(scorer).__name__}.score raised "
+                          f"{type(error).__name__}: {error}") from error
 
 
 def _open_reward(answer: str, sample: dict, config: RewardConfig,
                  reference_scores: dict[int, float]) -> tuple[float, str, dict]:
     scorer = config.open_scorer
-    score = float(scorer.score(answer, sample))
+    score = _score(scorer, answer, sample)
     if not scorer.relative:
         if not math.isfinite(score):
             return 0.0, "bad_score", {"score": score}
         reward = min(max(score, 0.0), 1.0)
         return reward, ("ok" if reward > 0 else "wrong"), {"score": score}
     if id(sample) not in reference_scores:
-        reference_scores[id(sample)] = float(scorer.score(str(sample["gt"]), sample))
+        reference_scores[id(sample)] = _score(scorer, str(sample["gt"]), sample)
     reference = reference_scores[id(sample)]
     info = {"score": score, "ref_score": reference}
     if not (math.isfinite(score) and math.isfinite(reference)):

@@ -2,15 +2,21 @@
 
 A model can answer "9^{9^{9}}" and sympy will compute for hours, so every check has a deadline. The checks run in
 child processes of this one. A child lives across checks, so Math-Verify's caches and sympy's lazy imports stay
-warm; one whose check outlasts the deadline is killed, and the next check forks a fresh one. Unix only (fork).
+warm; one whose check outlasts the deadline is killed, and the next check forks a fresh one. A child dies with this
+process, however it dies (kill -9 included), and leaves Ctrl-C to it. Unix only (fork).
 
     from rewards.math_check import check_math
     check_math("0.5", "\\frac{1}{2}", timeout_s=1.0)  # 'ok' ('wrong', 'unparsable', 'bad_gt', 'timeout', 'error')
 """
 
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from math_verify import parse as math_parse
 from math_verify import verify as math_verify
@@ -48,8 +54,32 @@ def _math_check(answer: str | None, gt: str) -> str:
     return "ok" if math_verify(gold, predicted, timeout_seconds=None) else "wrong"
 
 
-def _serve(connection) -> None:
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal this process gets when its parent dies
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a child: exit when the parent process `parent_pid` dies. On Linux the kernel sends SIGKILL (prctl's
+    parent-death signal), which stops the child even inside a long sympy call; elsewhere a thread polls."""
+    try:
+        armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+    except (AttributeError, OSError):  # no prctl: not Linux
+        armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(0)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(0)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
+def _serve(connection, parent_pid: int) -> None:
     """The child's loop: (answer, gt) in, _math_check's reason out."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal group: it is the parent's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: a SIGTERM ends a child at once
     while True:
         try:
             answer, gt = connection.recv()
@@ -63,12 +93,12 @@ def _serve(connection) -> None:
 
 
 class _Checker:
-    """One child process running _serve, and our end of the pipe to it."""
+    """One child process running _serve, and our end of the pipe to it. Create it through _fork_checker."""
 
     def __init__(self):
         context = multiprocessing.get_context("fork")
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_end,), daemon=True)
+        self.process = context.Process(target=_serve, args=(child_end, os.getpid()), daemon=True)
         self.process.start()
         child_end.close()
 
@@ -87,6 +117,16 @@ class _Checker:
         self.process.kill()
         self.connection.close()
         return reason
+
+
+# The kernel's parent-death signal follows the thread that forked the child, not the process: a child forked from
+# compute_rewards' pool thread would be killed when the pool ends. So every child is forked from this one thread,
+# which lives as long as the process.
+_forker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-fork")
+
+
+def _fork_checker() -> _Checker:
+    return _forker.submit(_Checker).result()
 
 
 _idle: list[_Checker] = []  # children no thread is using; one per thread that checks at the same time
@@ -111,7 +151,7 @@ def check_math(answer: str | None, gt: str, timeout_s: float) -> str:
     warm_up()
     with _idle_lock:
         checker = _idle.pop() if _idle else None
-    checker = checker or _Checker()
+    checker = checker or _fork_checker()
     reason = checker.check(answer, gt, timeout_s)
     if not checker.connection.closed:  # closed: the child was killed or had died
         with _idle_lock:

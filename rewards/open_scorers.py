@@ -15,6 +15,11 @@ from collections import Counter
 from typing import Protocol
 
 
+class ScorerError(RuntimeError):
+    """The open scorer's score() raised: the message names the scorer, the record and its error. A run stops on
+    it with that line (train_grpo.py, evaluate.py), as on bad input: a scorer is the user's code or service."""
+
+
 class OpenScorer(Protocol):
     """Scores an open-ended answer; relative=True: a reward model (higher is better, compared with S(gt)),
     relative=False: a similarity with gt in [0, 1]. An optional check(sample) raises a ValueError for a sample it

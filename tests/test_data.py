@@ -133,6 +133,9 @@ def corrupt_images(root):
     (root / "clevr_math" / "garbage.png").write_bytes(b"this is not an image")
     whole = (root / "clevr_math" / "a.png").read_bytes()
     (root / "clevr_math" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    Image.effect_noise((56, 56), 64).convert("RGB").save(root / "clevr_math" / "photo.jpg")
+    whole = (root / "clevr_math" / "photo.jpg").read_bytes()  # PIL opens and verifies a JPEG cut short
+    (root / "clevr_math" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     Image.new("RGB", (1000, 4)).save(root / "clevr_math" / "wide.png")
 
 
@@ -147,6 +150,7 @@ BAD_RECORDS = {  # name: (record, field, kind)
     "missing image": (record(image="clevr_math/nope.png"), "image", "image_not_found"),
     "garbage image": (record(image="clevr_math/garbage.png"), "image", "image_corrupt"),
     "truncated image": (record(image="clevr_math/truncated.png"), "image", "image_corrupt"),
+    "truncated jpeg": (record(image="clevr_math/truncated.jpg"), "image", "image_corrupt"),
     "image not a string": (record(image=["clevr_math/a.png"]), "image", "wrong_type"),
     "dotdot path": (record(image="../secret.png"), "image", "unsafe_path"),
     "inner dotdot path": (record(image="clevr_math/../../secret.png"), "image", "unsafe_path"),
@@ -297,6 +301,25 @@ def test_load_image(images):
     with pytest.raises(data.DataError) as caught:
         data.load_image(images, "missing.png")
     assert caught.value.kind == "image_not_found"
+
+
+def test_load_image_turns_a_photo_upright_as_its_exif_says(images):
+    stored = Image.new("RGB", (60, 30), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 30, 30))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: show the stored pixels turned 90 degrees clockwise
+    stored.save(images / "phone.jpg", exif=exif, quality=95)
+    image = data.load_image(images, "phone.jpg")
+    assert image.size == (30, 60)  # turned clockwise, the stored left half is the top
+    assert image.getpixel((15, 5))[0] > 200 and image.getpixel((15, 55))[2] > 200
+
+
+def test_a_jpeg_with_bytes_after_its_end_is_not_taken_for_a_cut_short_one(tmp_path, images):
+    Image.effect_noise((56, 56), 64).convert("RGB").save(images / "clevr_math" / "padded.jpg")
+    with open(images / "clevr_math" / "padded.jpg", "ab") as f:
+        f.write(b"\0" * 16)  # some cameras and editors leave padding after the end-of-image marker
+    path = write_jsonl(tmp_path / "ok.jsonl", [record(image="clevr_math/padded.jpg")])
+    assert [r["id"] for r in data.load_records(path, images, require_answer=True)] == ["r"]
 
 
 # --- EpochSampler ---------------------------------------------------------------------------------------------

@@ -63,6 +63,17 @@ def test_always_answering_the_reference_scores_one(tmp_path):
     assert summary["format_failure"] == 0.0 and summary["aha_per_response"] == 0.0
 
 
+def test_an_open_scorer_that_fails_stops_the_evaluation_with_one_line(tmp_path):
+    records = [r for r in toyworld.generate_split(20, seed=5, image_dir=str(tmp_path / "images"), prefix="eval")
+               if r["verifier_type"] == "open"][:2]
+    processor = Processor(build_tokenizer([r["question"] for r in records] + [r["gt"] for r in records], 400))
+    config = rewards.RewardConfig(open_scorer="tests.helpers:FailingScorer")
+    with pytest.raises(UserError, match=f"^record {records[0]['id']}: the open scorer FailingScorer.score raised "
+                                        f"ConnectionError: "):
+        evaluate.evaluate(torch.nn.Linear(1, 1), processor, records, str(tmp_path / "images"), reward_config=config,
+                          engine=ReplayEngine(processor, records), progress=False)
+
+
 def test_eval_writes_its_own_labelled_results_folder_and_never_over_one(tmp_path):
     records = toyworld.generate_split(6, seed=5, image_dir=str(tmp_path / "images"), prefix="eval")
     (tmp_path / "test.json").write_text(json.dumps(records))

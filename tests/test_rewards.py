@@ -6,15 +6,19 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 import rewards
 from rewards import (RewardConfig, TokenF1Scorer, compute_reward, compute_rewards, extract_answer, load_scorer,
                      math_check, resolve_type)
+from tests.helpers import running
 from toyworld import ToySceneScorer
 
 
@@ -120,6 +124,12 @@ CASES = [
     ("digit-list-hack", wrap("1, 2, 3, 4, 5"), DIGIT, 0.0, "ambiguous", None),
     ("digit-range-hack", wrap("3-4"), DIGIT, 0.0, "ambiguous", None),
     ("digit-or-hack", wrap("3 or 4"), DIGIT, 0.0, "ambiguous", None),
+    ("digit-sum-hack", wrap("3+3"), DIGIT, 0.0, "ambiguous", None),  # arithmetic whose every number is gt
+    ("digit-difference-hack", wrap("3 - 3"), DIGIT, 0.0, "ambiguous", None),
+    ("digit-times-hack", wrap("3 times 3"), DIGIT, 0.0, "ambiguous", None),
+    ("digit-square-hack", wrap("3\u00b2"), DIGIT, 0.0, "ambiguous", None),
+    ("digit-factorial-hack", wrap("3!"), DIGIT, 0.0, "ambiguous", None),
+    ("digit-count-then-dash", wrap("3 - three shapes"), DIGIT, 1.0, "ok", None),  # no digit after the dash
     ("digit-no-number", wrap("many"), DIGIT, 0.0, "unparsable", None),
     ("digit-thousands", wrap("1,000"), {**DIGIT, "gt": "1000"}, 1.0, "ok", None),
     ("digit-huge-wrong", wrap("9" * 10_000), DIGIT, 0.0, "wrong", None),
@@ -363,6 +373,48 @@ def test_a_check_after_a_timeout_or_a_crash_gets_a_fresh_child(monkeypatch):
     crashed = compute_reward(wrap("crash"), MATH)
     assert (crashed["reward"], crashed["reason"], crashed["correct"]) == (0.0, "error", False)
     assert compute_reward(wrap("0.5"), MATH)["reason"] == "ok"
+
+
+def test_math_workers_outlive_the_thread_pool_that_forked_them():
+    """The kernel's parent-death signal follows the forking thread: the workers must survive the end of
+    compute_rewards' pool, else every batch would find them dead and score its math answers "error"."""
+    first = compute_rewards([wrap("0.5")] * 4, [MATH] * 4)
+    workers = list(math_check._idle)
+    time.sleep(0.3)  # the pool's threads have ended
+    assert workers and all(worker.process.is_alive() for worker in workers)
+    assert [r["reason"] for r in first + compute_rewards([wrap("0.5")] * 4, [MATH] * 4)] == ["ok"] * 8
+
+
+def test_a_math_worker_leaves_ctrl_c_to_its_parent():
+    """Ctrl-C reaches the terminal's whole process group; the worker ignores it (no traceback of its own) and
+    ends when the parent does."""
+    compute_reward(wrap("0.5"), MATH)
+    worker = math_check._idle[-1]
+    os.kill(worker.process.pid, signal.SIGINT)
+    time.sleep(0.3)
+    assert worker.process.is_alive() and compute_reward(wrap("0.5"), MATH)["reason"] == "ok"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_math_workers_die_with_a_parent_killed_by_sigkill():
+    """kill -9 runs no clean-up: the kernel ends the workers (prctl's parent-death signal), however busy they are."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom rewards import compute_rewards, math_check\n"
+         f"compute_rewards([{wrap('0.5')!r}] * 4, [{MATH!r}] * 4)\n"
+         "print(*[worker.process.pid for worker in math_check._idle], flush=True)\ntime.sleep(300)"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    try:
+        assert workers and all(running(pid) for pid in workers)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(running(pid) for pid in workers)
+    finally:
+        for pid in filter(running, workers):  # only if the test failed: leave no process behind
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_math_time_limit_leaves_an_outer_sigalrm_handler_and_timer_alone():
@@ -610,6 +662,13 @@ def test_compute_rewards_scores_the_reference_once_per_sample():
     assert scorer.calls == len(samples) + len(prompts)
     for response, sample, result in zip(responses, samples, results):
         assert result == compute_reward(response, sample, config=config)
+
+
+def test_a_scorer_that_raises_is_named_with_the_record_and_its_error():
+    config = RewardConfig(open_scorer="tests.helpers:FailingScorer")
+    with pytest.raises(rewards.ScorerError, match="record open-2: the open scorer FailingScorer.score raised "
+                                                  "ConnectionError: the reward model at .* refused"):
+        compute_rewards([wrap("3")] * 2 + [wrap("red truck")], [DIGIT] * 2 + [OPEN_F1], config=config)
 
 
 def test_compute_rewards_mixes_types_and_checks_lengths():

@@ -129,6 +129,22 @@ def test_the_page_parses_and_holds_the_logged_groups(run, tmp_path):
         view.main([str(tmp_path)])  # no rollouts.jsonl there
 
 
+def test_the_page_skips_a_corrupt_line_with_a_warning(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run.out, copy)
+    logged = read_metrics(str(copy / "rollouts.jsonl"))
+    for name in ("rollouts.jsonl", "metrics.jsonl"):  # the second line of each becomes garbage
+        lines = (copy / name).read_text().splitlines(keepends=True)
+        (copy / name).write_text("".join([lines[0], '{"step": 2, "gro\n', *lines[2:]]))
+    data = view.page_data(str(copy))
+    kept = logged[:1] + logged[2:]
+    assert [(e["kind"], e["step"]) for e in data["entries"]] == [(e["kind"], e["step"]) for e in kept]
+    assert [row["step"] for row in data["metrics"]] == [1, 3, 4]
+    printed = capsys.readouterr().out
+    assert f"warning: {copy / 'rollouts.jsonl'}:2: not a JSON object; skipped" in printed
+    assert f"warning: {copy / 'metrics.jsonl'}:2: not a JSON object; skipped" in printed
+
+
 def _chromium() -> str | None:
     return next((path for name in ("chromium", "chromium-browser", "google-chrome")
                  if (path := shutil.which(name))), None)

@@ -124,9 +124,11 @@ def draw_from_cdf(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     always has positive probability (a zero-probability token never adds to the sum), and the total is the
     cumulative sum's own last entry, so rounding in the sum cannot push the threshold past the end. (Over Qwen's
     151,936 entries the float32 sum stays within 1e-7 of a float64 one on CPU: each token's chance is off by less.)
+    NaN weights (a model whose weights blew up) reach no entry: the last token is drawn, with a NaN log-prob for the
+    caller to see (train_grpo stops on it), instead of an index past the end.
     """
     threshold = (1.0 - uniform) * cdf[:, -1]  # (N,)
-    return torch.searchsorted(cdf, threshold[:, None]).squeeze(1)
+    return torch.searchsorted(cdf, threshold[:, None]).squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
 def sample_tokens(

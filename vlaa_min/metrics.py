@@ -2,8 +2,9 @@
 
 The JSONL file is the source of truth for every plot and table; it is appended and flushed line by line, so a
 crash loses at most the step in flight, and on resume the lines past the resumed step are dropped (they belong to
-work that the checkpoint does not contain), and so is a torn last line (a crash mid-write). The plot is optional:
-without matplotlib it is skipped with a warning.
+work that the checkpoint does not contain), and so is a torn last line (a crash mid-write). Any other line that is
+not a JSON object stops the resume with its line number (the file is left as it is); the plot and the viewer skip
+it with a warning. The plot is optional: without matplotlib it is skipped with a warning.
 """
 
 import json
@@ -11,6 +12,7 @@ import math
 import os
 
 from vlaa_min.infra import distributed
+from vlaa_min.infra.cli import UserError
 
 
 class MetricsLogger:
@@ -35,13 +37,30 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, skip_bad: bool = False) -> list[dict]:
+    """The rows of a JSONL file; a complete line that is not a JSON object raises UserError naming it, or is
+    skipped with a warning when skip_bad (readers that change nothing: the plot, the viewer)."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().split("\n")
+    rows = []
     # Every complete line ends in a newline: what follows the last one is a write a crash cut short.
-    return [json.loads(line) for line in lines[:-1] if line.strip()]
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif skip_bad:
+            print(f"warning: {path}:{number}: not a JSON object; skipped")
+        else:
+            raise UserError(f"{path}:{number}: not a JSON object ({line[:60]!r}); the file is corrupt there: "
+                            f"delete or repair that line (the rest is kept as it is)")
+    return rows
 
 
 def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str = "") -> str | None:
@@ -62,7 +81,7 @@ def plot_curves(runs: dict[str, str], keys: list[str], out_png: str, title: str 
     fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for label, path in runs.items():
-            rows = read_metrics(path)
+            rows = read_metrics(path, skip_bad=True)
             names = sorted({name for row in rows for name in row if name.startswith(key[:-1])}) \
                 if key.endswith("/*") else [key]
             for name in names:

@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlaa_min.infra.cli import FlagParser
 from vlaa_min.metrics import read_metrics
@@ -33,7 +33,7 @@ def thumbnail(path: Path, size: int = 128) -> str | None:
     """A data: URI of a JPEG no larger than size x size, or None when the file cannot be read."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = ImageOps.exif_transpose(image).convert("RGB")  # upright, as the model saw it (data.load_image)
             image.thumbnail((size, size))
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=75)
@@ -47,7 +47,7 @@ def page_data(run: str, images_root: str | None = None) -> dict:
     log_path = os.path.join(run, "rollouts.jsonl")
     if not os.path.isfile(log_path):
         raise FileNotFoundError(f"{log_path}: no rollout log; train with --log-rollouts-every N (N > 0)")
-    entries = read_metrics(log_path)  # the same JSONL rules: a torn last line is ignored
+    entries = read_metrics(log_path, skip_bad=True)  # metrics.jsonl's rules; a corrupt line: skipped, with a warning
     config_path = os.path.join(run, "config.json")
     config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
     if images_root is None:
@@ -61,7 +61,7 @@ def page_data(run: str, images_root: str | None = None) -> dict:
     if missing:
         print(f"warning: {len(missing)} image(s) not readable under {images_root!r} (e.g. {missing[0]}); the page "
               f"shows those prompts without a thumbnail (pass --images ROOT)")
-    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"), skip_bad=True)
     metrics = [{key: row[key] for key in ("step", *CURVE_KEYS) if key in row} for row in rows]
     return {"run": os.path.basename(os.path.normpath(run)), "entries": entries, "metrics": metrics,
             "heldout": held_out_points(run, rows, config.get("steps")),

@@ -119,6 +119,15 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors' save_file, and the mode any other new file gets (0666 less the umask; 0644 for most users):
+    save_file writes through a private temporary file, whose mode (0600) the weights would keep."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0o022)  # the umask can only be read by setting it: put it back at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_state_dict(
     state_dict: dict[str, torch.Tensor],
     directory: str | os.PathLike,
@@ -136,7 +145,7 @@ def save_state_dict(
     total = sum(_tensor_bytes(t) for t in tensors.values())
     metadata = {"format": "pt"}
     if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(tensors, directory / SINGLE_FILE, metadata=metadata)
+        _save_file(tensors, directory / SINGLE_FILE, metadata)
         return [SINGLE_FILE]
     if max_shard_bytes <= 0:
         raise ValueError(f"save_state_dict: max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -152,7 +161,7 @@ def save_state_dict(
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for shard_name, shard in zip(names, shards):
-        save_file(shard, directory / shard_name, metadata=metadata)
+        _save_file(shard, directory / shard_name, metadata)
         weight_map.update({tensor_name: shard_name for tensor_name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -4,10 +4,13 @@
     ... load and check the inputs ...
     lock, resumed = open_run(cfg.out, settings, resume=cfg.resume, overwrite=cfg.overwrite, safe=RESUME_SAFE)
 
-- A folder that holds anything is refused unless --resume true (continue it) or --overwrite true (delete it).
+- A folder that holds anything is refused unless --resume true (continue it) or --overwrite true (delete it), and
+  either is refused unless the folder holds a run and nothing else (RUN_ENTRIES; a config.json a run saved): an
+  --out pointed at the wrong folder is never deleted or written into.
 - The folder's `.lock` file is locked (flock) for the life of the process and holds its PID. The kernel drops the
   lock when the process dies however it dies, so a lock file left by a killed run is stale by definition: it is
-  taken over, and the old PID is printed.
+  taken over, and the old PID is printed. A child forked by the run (a math-check worker) closes its copy of the
+  lock file first thing, so that a child left behind cannot keep a dead run's lock.
 - Leftovers of a write a crash cut short (`*.tmp-*`, `*.old-*`) are cleaned (vlaa_min.infra.checkpoint.clean_leftovers).
 - `settings` (the config plus the inputs' content hashes) is saved in config.json and in every checkpoint. On
   resume, every field that shapes training must equal the checkpoint's; the `safe` fields (eval cadence, logging,
@@ -15,9 +18,12 @@
 """
 
 import hashlib
+import json
 import math
 import os
+import re
 import shutil
+import weakref
 
 from vlaa_min.infra import distributed
 from vlaa_min.infra.checkpoint import clean_leftovers
@@ -25,7 +31,12 @@ from vlaa_min.infra.cli import ConfigError, UserError, save_config
 from vlaa_min.infra.train_state import latest_checkpoint, load_newest
 
 LOCK_FILE = ".lock"
+_held_locks = weakref.WeakSet()  # the open lock files of this process
 ALWAYS_SAFE = frozenset({"out", "resume", "overwrite"})  # how a run is started, not how it trains
+# What runs write into their folder: the trainers, control.py's and experiment.py's results, the viewer's page.
+RUN_ENTRIES = frozenset({LOCK_FILE, "config.json", "metrics.jsonl", "checkpoints", "model", "rollouts.jsonl",
+                         "rollouts.html", "curves.png", "eval.md", "eval.json", "history.json"})
+INTERRUPTED_WRITE = re.compile(r".+\.(tmp|tmp-.+|old-.+)")  # "config.json.tmp", "model.tmp-<tag>": cut short
 
 
 def check_out_folder(out: str, resume: bool, overwrite: bool, holds: str = "a run", resumable: bool = True) -> None:
@@ -42,6 +53,31 @@ def check_out_folder(out: str, resume: bool, overwrite: bool, holds: str = "a ru
         resume_hint = "continue it with --resume true, " if resumable else ""
         raise UserError(f"--out {out} already holds {holds}: {resume_hint}replace it with --overwrite true, or choose "
                         f"another --out")
+    if held and resumable:  # a training run's folder, which --overwrite deletes and --resume writes into
+        check_holds_only_a_run(out, "--overwrite true" if overwrite else "--resume true")
+
+
+def check_holds_only_a_run(out: str, action: str) -> None:
+    """Refuse to act on a folder that holds anything a run does not write, or a config.json that is not a run's
+    (a model folder's, say); the message names what is there."""
+    names = sorted(os.listdir(out))
+    foreign = [name for name in names if name not in RUN_ENTRIES and not INTERRUPTED_WRITE.fullmatch(name)]
+    if "config.json" in names and not _is_run_config(os.path.join(out, "config.json")):
+        foreign.insert(0, "config.json (not a run's)")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"--out {out} does not hold only a run: it holds {shown}; {action} acts only on a folder "
+                        f"a run made, so nothing was deleted or written. Choose another --out")
+
+
+def _is_run_config(path: str) -> bool:
+    """Whether `path` is the config.json a run saved (open_run: the run's flags, --out and --resume among them)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(saved, dict) and ALWAYS_SAFE <= saved.keys()
 
 
 def take_lock(out: str):
@@ -66,7 +102,20 @@ def take_lock(out: str):
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    _held_locks.add(lock)
     return lock
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the lock files it inherited. flock's lock belongs to the open file, which parent
+    and child then share: a child that outlived its parent would hold the run's lock. Closing the child's copy
+    leaves the parent's lock alone (only the last close, or LOCK_UN, releases it)."""
+    for lock in list(_held_locks):
+        lock.close()
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def release_lock(lock) -> None:
@@ -76,6 +125,7 @@ def release_lock(lock) -> None:
     lock.seek(0)
     lock.truncate()
     lock.close()
+    _held_locks.discard(lock)
 
 
 def check_model_dir(path: str, flag: str = "--model") -> None:
