@@ -299,9 +299,13 @@ def test_grpo_stops_with_one_line_when_the_open_scorer_fails(world, monkeypatch)
     (world / "open.json").write_text(json.dumps([{"id": f"o{i}", "question": "Describe the image.",
                                                    "gt": "a red circle", "verifier_type": "open"} for i in range(4)]))
     settings = _math_grpo(world, "grpo-scorer", data=str(world / "open.json"),
-                          open_scorer="tests.helpers:FailingScorer")
+                          open_scorer="tests.helpers:FailingScorer", log_rollouts_every=0)
     with pytest.raises(UserError, match="^step 1: record o.: the open scorer FailingScorer.score raised "
                                         "ConnectionError: .* refused the connection; training stopped"):
+        train_grpo.main(train_grpo.GRPOConfig(**settings))
+    # With the rollout log on, the viewer's probes are scored before step 1: the same line stops the run there.
+    settings.update(out=str(world / "grpo-scorer-probes"), log_rollouts_every=1)
+    with pytest.raises(UserError, match="^record o.: the open scorer FailingScorer.score raised ConnectionError"):
         train_grpo.main(train_grpo.GRPOConfig(**settings))
 
 
