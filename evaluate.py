@@ -36,10 +36,10 @@ import rewards
 import toyworld
 from vlaa_min.generate import Engine, SamplingParams
 from vlaa_min.infra.cli import ConfigError, UserError, check_sizes, print_config, run_script
-from vlaa_min.infra.cli import ConfigError, check_sizes, print_config, run_script
 from vlaa_min.infra.run_folder import check_model_dir, check_out_folder
 from vlaa_min.infra.runtime import autocast, resolve_device, resolve_dtype
 from vlaa_min.model import VLModel
+from vlaa_min.presets import TOY_OPEN_SCORER
 from vlaa_min.processor import Processor
 
 
@@ -57,7 +57,7 @@ class EvalConfig:
     max_pixels: int = field(default=0, metadata={"help": "cap on an image's resized area (0 = the model's "
                                                          "preprocessor_config.json)"})
     require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
-    open_scorer: str | None = field(default="toyworld:ToySceneScorer", metadata={
+    open_scorer: str | None = field(default=TOY_OPEN_SCORER, metadata={
         "help": "open-ended scorer, module:attr (default: the toy world's; none = token F1 with gt)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})

@@ -59,11 +59,10 @@ from vlaa_min.infra.train_state import resume_training, save_checkpoint, save_mo
 from vlaa_min.logprobs import completion_logprobs
 from vlaa_min.metrics import MetricsLogger, plot_curves
 from vlaa_min.model import VLModel
+from vlaa_min.presets import TOY_OPEN_SCORER
 from vlaa_min.processor import Processor
 from vlaa_min.rollout_log import RolloutLog
 from vlaa_min.schedule import cosine_with_warmup
-
-TOY_SCORER = "toyworld:ToySceneScorer"  # the toy world's open-ended scorer, the default of the toy recipe
 
 # Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
 RESUME_SAFE = frozenset({"eval_every", "eval_batch_size", "save_every", "sample_every", "device", "compile",
@@ -120,8 +119,8 @@ class GRPOConfig:
                                                                   "weights or through the adapters: merged|adapters"})
     # reward
     require_think: bool = field(default=False, metadata={"help": "also demand one <think> block (not the paper)"})
-    open_scorer: str | None = field(default=TOY_SCORER, metadata={"help": "open-ended scorer, module:attr (none = "
-                                                                           "token F1 with gt)"})
+    open_scorer: str | None = field(default=TOY_OPEN_SCORER, metadata={
+        "help": "open-ended scorer, module:attr (none = token F1 with gt)"})
     # runtime
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     precision: str = field(default="auto", metadata={"help": "autocast dtype: auto (bf16 on GPU), fp32, bf16"})

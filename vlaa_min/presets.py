@@ -15,6 +15,9 @@ allows 16,384), so a prompt fits 2,048 tokens and an SFT sample (prompt + R1 tra
 """
 
 QWEN_MAX_PIXELS = 28 * 28 * 1280
+# The toy world's open-ended scorer: the default of the toy recipe (train_grpo.py, evaluate.py); real data uses
+# token F1 (open_scorer None, the paper preset).
+TOY_OPEN_SCORER = "toyworld:ToySceneScorer"
 
 PRESETS = {
     "SFTConfig": {
