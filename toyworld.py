@@ -19,13 +19,13 @@ Three targets per record, one for each training stage we imitate:
                          the detour revises the answer into a near miss (meta["pseudo_flipped"]).
 
 The toy "instruct" base imitates both teachers, as real instruct models have two habits: base.json answers a share
-careful_share (0.3) of its records with the careful trace (meta["careful"]), the rest directly. Its greedy answer
+careful_share (0.25) of its records with the careful trace (meta["careful"]), the rest directly. Its greedy answer
 is the sloppy one; its samples sometimes reason, and reasoning is right more often: what a verifiable reward selects.
 
 Files (build_world): images/, base.json (both teachers), sft.json (clean traces), sft_pseudo.json (pseudo traces),
 sft_verified.json (the clean traces of the records whose sloppy answer is right: what the paper's step 5 keeps when
 that teacher distills), rl.json, test.json, and world.json, written last. Splits have distinct seeds and share no
-(scene, question) pair. Build: python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--careful-share 0.3]
+(scene, question) pair. Build: python toyworld.py --out toy [--seed 0] [--teacher-error-rate 0.7] [--careful-share 0.25]
 """
 
 import json
@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 from rewards.types import NUMBER_WORDS, SampleError, record_meta
 from vlaa_min.infra.cli import parse_config, print_config
 
-VERSION = 3
+VERSION = 4
 IMAGE_SIZE = 112
 GRID = 4
 CELL = IMAGE_SIZE // GRID  # 28 px: one 2x2 merge block of 14-px patches
@@ -385,7 +385,7 @@ def make_targets(spec: dict, flip: bool, rng: random.Random) -> tuple[str, str, 
 
 def generate_split(
     n: int, seed: int, image_dir: str, prefix: str, *, teacher_error_rate: float = 0.7,
-    careful_share: float = 0.3, pseudo_flip_rate: float = 0.3, exclude: set | None = None,
+    careful_share: float = 0.25, pseudo_flip_rate: float = 0.3, exclude: set | None = None,
 ) -> list[dict]:
     """n records (record i is of type TYPE_CYCLE[i % 20]); writes image_dir/<prefix>_<i>.png.
 
@@ -457,7 +457,7 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def build_world(out_dir: str, sizes: dict | None = None, seed: int = 0, *, teacher_error_rate: float = 0.7,
-                careful_share: float = 0.3, pseudo_flip_rate: float = 0.3) -> dict:
+                careful_share: float = 0.25, pseudo_flip_rate: float = 0.3) -> dict:
     """Write the toy world under out_dir (see the module docstring); returns the manifest."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     unknown = set(sizes) - set(SPLITS)
@@ -507,7 +507,7 @@ class WorldConfig:
     seed: int = field(default=0, metadata={"help": "world seed; each split derives its own seed from it"})
     teacher_error_rate: float = field(default=0.7, metadata={"help": "share of records whose direct answer comes "
                                                                     "from the double-counting teacher"})
-    careful_share: float = field(default=0.3, metadata={"help": "share of base records answered by the careful "
+    careful_share: float = field(default=0.25, metadata={"help": "share of base records answered by the careful "
                                                                "teacher: a colour-by-colour trace, always right"})
     pseudo_flip_rate: float = field(default=0.3,
                                     metadata={"help": "share of pseudo traces that flip to a wrong answer"})

@@ -312,11 +312,11 @@ def test_manifest(world):
 
 def test_the_careful_teacher_answers_its_share_of_the_base(tmp_path):
     manifest = toyworld.build_world(str(tmp_path), {"base": 400, "sft": 4, "rl": 4, "test": 4}, seed=5,
-                                    careful_share=0.25)
+                                    careful_share=0.4)
     base = json.loads((tmp_path / "base.json").read_text())
     share = sum(r["meta"]["careful"] for r in base) / len(base)
-    assert abs(share - 0.25) < 3 * math.sqrt(0.25 * 0.75 / len(base)), share
-    assert manifest["careful_share"] == 0.25
+    assert abs(share - 0.4) < 3 * math.sqrt(0.4 * 0.6 / len(base)), share
+    assert manifest["careful_share"] == 0.4
     with pytest.raises(ValueError, match="careful_share"):
         toyworld.generate_split(1, seed=0, image_dir=str(tmp_path), prefix="x", careful_share=1.5)
 
