@@ -25,11 +25,11 @@ prompt's G samples stay on their rank); normaliser, KL controller and metrics ar
 
 import copy
 import dataclasses
-import functools
 import json
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +39,7 @@ import data
 import evaluate
 import rewards
 from vlaa_min import lora
-from vlaa_min.generate import Engine, Rollout, SamplingParams
+from vlaa_min.generate import Engine, Rollout, SamplingParams, concat_rollouts
 from vlaa_min.grpo_loss import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -81,6 +81,8 @@ class GRPOConfig:
     # rollout
     steps: int = field(default=80, metadata={"help": "rollout steps (paper: 49 = one epoch of 25,195 prompts)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per rollout (paper: 512)"})
+    rollout_batch_size: int = field(default=0, metadata={"help": "prompts per engine call in a rollout, per rank "
+                                                                 "(0 = all at once); lowers only the rollout's memory"})
     group_size: int = field(default=8, metadata={"help": "G, samples per prompt (paper: 4)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature; log-probs use it too"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1 = off; off keeps ratios exact)"})
@@ -142,9 +144,9 @@ class GRPOConfig:
         check_sizes(self, positive=("steps", "prompts_per_step", "group_size", "temperature", "max_new_tokens",
                                     "max_prompt_length", "train_batch_size", "micro_batch_size", "mu", "lr",
                                     "eval_batch_size"),
-                    non_negative=("eval_size", "max_pixels", "warmup_ratio", "min_lr_ratio", "weight_decay",
-                                  "grad_clip", "kl_init", "kl_target", "eval_every", "save_every", "sample_every",
-                                  "log_rollouts_every", "rollout_groups_per_log"))
+                    non_negative=("eval_size", "rollout_batch_size", "max_pixels", "warmup_ratio", "min_lr_ratio",
+                                  "weight_decay", "grad_clip", "kl_init", "kl_target", "eval_every", "save_every",
+                                  "sample_every", "log_rollouts_every", "rollout_groups_per_log"))
         rollout = self.prompts_per_step * self.group_size
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError(f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-batch-size")
@@ -197,8 +199,8 @@ class Run:
     rewards_cfg: rewards.RewardConfig
 
 
-def chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [indices[i : i + size] for i in range(0, len(indices), size)]
+def chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def group_major_order(ids: torch.Tensor, prompt_index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -291,10 +293,12 @@ def main(cfg: GRPOConfig) -> dict:
         with (distributed.gathered(policy),  # [distributed] one all-gather per rollout
               lora.rollout_weights(policy, cfg.lora_rollout),  # LoRA: the adapters merged or not
               autocast(device, precision)):
-            rollout = engine.generate(processor.collate_prompts(encoded).to(device), cfg.group_size, sampling,
-                                      generator)
+            # one engine call per --rollout-batch-size prompts: only one call's keys/values are alive at a time
+            parts = [engine.generate(processor.collate_prompts(part).to(device), cfg.group_size, sampling,
+                                     generator).to("cpu")
+                     for part in chunks(encoded, cfg.rollout_batch_size or len(encoded))]
         policy.train()
-        batch = StepBatch(step_records, encoded, rollout.to("cpu"))  # rewards and advantages run on the host
+        batch = StepBatch(step_records, encoded, concat_rollouts(parts, processor.pad_token_id))  # on the host
         check_finite(step, cfg.out, sample_logprobs=batch.rollout.logprobs.sum().item())  # NaN: diverged weights
         t1 = time.perf_counter()
 

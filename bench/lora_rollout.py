@@ -68,7 +68,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            result = rollout(mode)
+            rollout(mode)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - started)

@@ -41,7 +41,7 @@ import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
 from vlaa_min import lora  # noqa: E402
 from vlaa_min.config import ModelConfig  # noqa: E402
-from vlaa_min.generate import Engine, SamplingParams  # noqa: E402
+from vlaa_min.generate import Engine, SamplingParams, concat_rollouts  # noqa: E402
 from vlaa_min.grpo_loss import policy_loss  # noqa: E402
 from vlaa_min.infra import distributed  # noqa: E402
 from vlaa_min.infra.runtime import autocast, resolve_dtype  # noqa: E402
@@ -172,8 +172,13 @@ def grpo_phase(args, device, precision) -> dict:
     result = {}
     reset_peak(device)
     started = time.perf_counter()
+    count = len(prompts.input_ids)
+    calls = [torch.arange(start, min(start + (args.rollout_batch_size or count), count))
+             for start in range(0, count, args.rollout_batch_size or count)]  # train_grpo's --rollout-batch-size
     with distributed.gathered(policy), lora.rollout_weights(policy, "merged"), autocast(device, precision):
-        rollout = engine.generate(prompts, args.group_size, sampling, generator)
+        parts = [engine.generate(select(prompts, rows), args.group_size, sampling, generator).to("cpu")
+                 for rows in calls]
+    rollout = concat_rollouts(parts, pad_token_id=0).to(device)
     result |= {"rollout_gib": peak_gib(device), "rollout_s": time.perf_counter() - started}
 
     reset_peak(device)
@@ -242,6 +247,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=8, help="the N of the '1 and N ranks' comparison")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prompts", type=int, default=GRPO.prompts_per_step, help="prompts per rollout, all ranks")
+    parser.add_argument("--rollout-batch-size", type=int, default=0, help="prompts per engine call (0 = all)")
     parser.add_argument("--group-size", type=int, default=GRPO.group_size)
     parser.add_argument("--new-tokens", type=int, default=GRPO.max_new_tokens)
     parser.add_argument("--prompt-length", type=int, default=GRPO.max_prompt_length)

@@ -5,10 +5,11 @@ Per phase of a train_grpo.py step on one GPU (bf16 compute; bytes, no weight all
 the model built on the meta device), at the paper preset (vlaa_min/presets.py) unless flags say otherwise:
   resident   full: fp32 master weights 4 P, AdamW moments 8 T (T = trainable: all but the vision tower), the bf16
              reference 2 P; LoRA: the bf16 base 2 P, adapters + their grads and moments 16 A, no reference copy
-  rollout    + keys/values in bf16 of every prompt once (P_r x S tokens) and of its G samples (P_r G x new tokens),
-             + the prefill's largest transient (all P_r S tokens through one MLP: 3 I + 2 D values a token),
-             + the sampling logits (P_r G x V, fp32, x 3 for softmax and sampling); LoRA merged: + 2 L (L = the
-             adapted weights, kept to restore them)
+  rollout    one engine call of P_r prompts (--rollout-batch-size; all of the step's by default): + keys/values in
+             bf16 of every prompt once (P_r x S tokens) and of its G samples (P_r G x new tokens), + the prefill's
+             largest transient (all P_r S tokens through one MLP: 3 I + 2 D values a token), + the sampling logits
+             (P_r G x V, fp32, x 3 for softmax and sampling); LoRA merged: + 2 L (L = the adapted weights, kept to
+             restore them). The finished calls' completions wait on the host.
   reference  + one no-grad forward of a micro-batch (m / G prompts x S + m x new tokens): one layer's transient
              + a logits chunk (2^27 fp32 logits, x 3)
   update     + fp32 gradients 4 T (LoRA: counted in 16 A) + the activations saved for backward: per token and
@@ -114,6 +115,7 @@ class Setting:
     new_tokens: int = PAPER["max_new_tokens"]
     prompt_tokens: int = PAPER["max_prompt_length"]  # the worst case; --max-pixels shortens image prompts
     micro: int = PAPER["micro_batch_size"]
+    rollout_batch: int = 0  # prompts per engine call (0: all `prompts` at once)
 
 
 def phases(c: Counts, s: Setting, mode: str, checkpointing: bool, weight_bytes: int = 2, master: int = 4) -> dict:
@@ -126,11 +128,12 @@ def phases(c: Counts, s: Setting, mode: str, checkpointing: bool, weight_bytes: 
     else:
         resident = b * c.params + 16 * c.adapter  # the frozen base; adapters + grads + moments
         grads, merge_copy = 0, b * c.adapted
-    rows = s.prompts * s.group
+    prompts = s.rollout_batch or s.prompts  # in one engine call
+    rows = prompts * s.group
     kv_per_token = c.layers * 2 * c.kv_width * b
     layer_transient = 3 * c.intermediate + 2 * c.hidden  # values a token, one layer's MLP at a time
-    rollout = (resident + merge_copy + kv_per_token * (s.prompts * s.prompt_tokens + rows * s.new_tokens)
-               + b * s.prompts * s.prompt_tokens * layer_transient + 3 * 4 * rows * c.vocab)
+    rollout = (resident + merge_copy + kv_per_token * (prompts * s.prompt_tokens + rows * s.new_tokens)
+               + b * prompts * s.prompt_tokens * layer_transient + 3 * 4 * rows * c.vocab)
     tokens = (s.micro // s.group or 1) * s.prompt_tokens + s.micro * s.new_tokens  # shared prefix: once per prompt
     logits = 3 * 4 * min(LOGITS_CHUNK, tokens * c.vocab)
     reference = resident + b * tokens * layer_transient + logits
@@ -169,17 +172,17 @@ def weight_copies(c: Counts, mode: str, compute_bytes: int, master: int, layers:
 
 
 def fitting_flags(c: Counts, mode: str, checkpointing: bool, card: int) -> str:
-    """The flags that bring the peak under `card` GB, changing the least: prompts per rollout first (the rollout's
-    keys/values), then the micro-batch, then the new tokens, then shorter prompts (--max-pixels)."""
-    for prompts in (512, 256, 128, 64, 32, 16):
-        for micro in (8, 4, 2, 1):
-            for new_tokens in (1024, 512):
-                for prompt_tokens in (2048, 1024):
-                    s = Setting(prompts=prompts, micro=micro, new_tokens=new_tokens, prompt_tokens=prompt_tokens)
+    """The flags that bring the peak under `card` GB, changing the algorithm the least: the prompts per engine call
+    first (the rollout's keys/values; the same rollout of 512 prompts, in chunks), then the micro-batch (the same
+    updates), then shorter prompts (--max-pixels), then fewer new tokens."""
+    for new_tokens in (1024, 512):
+        for prompt_tokens in (2048, 1024):
+            for micro in (8, 4, 2, 1):
+                for rollout_batch in (0, 256, 128, 64, 32, 16, 8):
+                    s = Setting(micro=micro, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
+                                rollout_batch=rollout_batch)
                     if max(phases(c, s, mode, checkpointing).values()) <= card * 1e9:
-                        batch = min(PAPER["train_batch_size"], prompts * PAPER["group_size"])
-                        flags = [f"--prompts-per-step {prompts}" if prompts != 512 else "",
-                                 f"--train-batch-size {batch}" if batch != PAPER["train_batch_size"] else "",
+                        flags = [f"--rollout-batch-size {rollout_batch}" if rollout_batch else "",
                                  f"--micro-batch-size {micro}" if micro != 8 else "",
                                  f"--max-new-tokens {new_tokens}" if new_tokens != 1024 else "",
                                  "--max-pixels 401408 --max-prompt-length 1024" if prompt_tokens != 2048 else ""]

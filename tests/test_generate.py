@@ -12,7 +12,8 @@ from transformers import (
 )
 
 from vlaa_min.config import ModelConfig
-from vlaa_min.generate import Engine, SamplingParams, filter_logits, inverse_cdf_sample, sample_tokens
+from vlaa_min.generate import (Engine, SamplingParams, concat_rollouts, filter_logits, inverse_cdf_sample,
+                               sample_tokens)
 from vlaa_min.logprobs import sequence_logprobs
 from vlaa_min.model import VLModel
 from vlaa_min.processor import PromptBatch
@@ -196,6 +197,23 @@ def test_mixed_length_batch_equals_each_prompt_alone():
         for row in (2 * index, 2 * index + 1):
             assert torch.equal(together.completion_ids[row], alone.completion_ids[0]), spec
             assert torch.allclose(together.logprobs[row], alone.logprobs[0], atol=1e-5), spec
+
+
+def test_a_rollout_in_engine_calls_concatenates_to_one_call():
+    """train_grpo's --rollout-batch-size: the first two prompts in one call, the third in another (their widths
+    differ: 10 and 6 tokens), concatenated, equal all three in one call."""
+    model = make_model(bias={EOS: 2.0})  # greedy completions of 1, 10 and 6 tokens
+    batch = make_batch(MIXED_PROMPTS, seed=3)
+    params = dict(max_new_tokens=10, greedy=True, stop_token_ids=(EOS,))
+    whole = generate(model, batch, 2, **params)
+    parts = [generate(model, make_batch(MIXED_PROMPTS[:2], seed=3), 2, **params),
+             generate(model, make_batch_row(batch, 2), 2, **params)]
+    assert [part.completion_ids.shape[1] for part in parts] == [10, 6]
+    joined = concat_rollouts(parts, PAD)
+    for name in ("completion_ids", "completion_lengths", "finished_by_stop", "prompt_index"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    assert joined.finish_reasons == whole.finish_reasons
+    torch.testing.assert_close(joined.logprobs, whole.logprobs, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- sampling

@@ -92,6 +92,25 @@ class Rollout:
         return replace(self, **{name: tensor.to(device) for name, tensor in tensors.items()})
 
 
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One Rollout of the prompts of `parts` in order (engine calls over consecutive prompt chunks): rows padded to
+    the widest part, prompt_index continued."""
+    width = max(part.completion_ids.shape[1] for part in parts)
+
+    def pad(tensor: torch.Tensor, value: float) -> torch.Tensor:  # (n, l) -> (n, width)
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    offsets = torch.tensor([0] + [int(part.prompt_index.max()) + 1 for part in parts[:-1]]).cumsum(0)
+    return Rollout(
+        completion_ids=torch.cat([pad(part.completion_ids, pad_token_id) for part in parts]),
+        completion_lengths=torch.cat([part.completion_lengths for part in parts]),
+        finished_by_stop=torch.cat([part.finished_by_stop for part in parts]),
+        finish_reasons=[reason for part in parts for reason in part.finish_reasons],
+        logprobs=torch.cat([pad(part.logprobs, 0.0) for part in parts]),
+        prompt_index=torch.cat([part.prompt_index + offset for part, offset in zip(parts, offsets.tolist())]),
+    )
+
+
 def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then top-p (nucleus) filtering of temperature-scaled logits (N, V): removed tokens get -inf.
 
