@@ -66,7 +66,8 @@ from vlaa_min.schedule import cosine_with_warmup
 
 # Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
 RESUME_SAFE = frozenset({"eval_every", "eval_batch_size", "save_every", "sample_every", "device", "compile",
-                         "gradient_checkpointing", "skip_bad", "log_rollouts_every", "rollout_groups_per_log"})
+                         "gradient_checkpointing", "rollout_batch_size", "skip_bad", "log_rollouts_every",
+                         "rollout_groups_per_log"})  # memory and logging knobs: a run that ran out of memory resumes
 
 
 @dataclass

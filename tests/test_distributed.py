@@ -194,10 +194,11 @@ def _grpo(root, out, **overrides):
 
 def test_one_grpo_step_on_two_ranks_is_one_process_step(world):
     """beta > 0 (a sharded reference) and mu = 2: two updates from the same rollout, the second off-policy.
-    The held-out eval before and after is split over the ranks (2 and 3 records: uneven numbers of batches)."""
+    The held-out eval before and after is split over the ranks (2 and 3 records: uneven numbers of batches). The
+    two ranks generate their prompts one engine call each (--rollout-batch-size 1), the one process all at once."""
     held_out = dict(eval_data=str(world / "records.json"), eval_size=5, eval_batch_size=1, log_rollouts_every=1)
     _fixed_rollouts_then(train_grpo.main, _grpo(world, "grpo-1", **held_out))
-    _run_ranks(2, _fixed_rollouts_then, train_grpo.main, _grpo(world, "grpo-2", **held_out))
+    _run_ranks(2, _fixed_rollouts_then, train_grpo.main, _grpo(world, "grpo-2", rollout_batch_size=1, **held_out))
     evals = [json.loads((world / out / "eval.json").read_text()) for out in ("grpo-1", "grpo-2")]
     assert evals[0] == evals[1] and evals[0]["before"]["n"] == 5
     answers = [[entry for entry in map(json.loads, open(world / out / "rollouts.jsonl")) if entry["kind"] == "eval"]

@@ -107,6 +107,17 @@ def test_grpo_resume_is_exact(world):
     _assert_resume_is_exact(train_grpo.main, config)
 
 
+def test_grpo_resumes_with_another_rollout_batch_size(world, capsys):
+    """A run that ran out of memory in its rollout resumes with fewer prompts per engine call: a memory knob, not a
+    setting that shapes training, so the resume accepts it and says so."""
+    config = _grpo_config(world, "resume-rollout", steps=2, eval_data=None, save_every=1)
+    train_grpo.main(config)
+    shutil.rmtree(Path(config.out) / "checkpoints" / "step_000002")
+    train_grpo.main(dataclasses.replace(config, resume=True, rollout_batch_size=3))
+    assert "resuming with --rollout-batch-size 3 (was 0)" in capsys.readouterr().out
+    assert [row["step"] for row in read_metrics(Path(config.out) / "metrics.jsonl")] == [1, 2]
+
+
 def test_sft_resume_is_exact(world):
     config = train_sft.SFTConfig(model=str(world / "init"), data=str(world / "sft.json"), images=str(world),
                                  out=str(world / "resume-sft"), steps=6, batch_size=16, micro_batch_size=8, lr=3e-3,
