@@ -64,10 +64,12 @@ from vlaa_min.processor import Processor
 from vlaa_min.rollout_log import RolloutLog
 from vlaa_min.schedule import cosine_with_warmup
 
-# Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's).
+# Settings a resumed run may change: they do not shape training (the rest must equal the checkpoint's). Among them
+# the memory knobs, so that a run that ran out of memory resumes; rollout_batch_size changes only which samples
+# are drawn.
 RESUME_SAFE = frozenset({"eval_every", "eval_batch_size", "save_every", "sample_every", "device", "compile",
                          "gradient_checkpointing", "rollout_batch_size", "skip_bad", "log_rollouts_every",
-                         "rollout_groups_per_log"})  # memory and logging knobs: a run that ran out of memory resumes
+                         "rollout_groups_per_log"})
 
 
 @dataclass

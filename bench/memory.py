@@ -173,11 +173,9 @@ def grpo_phase(args, device, precision) -> dict:
     reset_peak(device)
     started = time.perf_counter()
     count = len(prompts.input_ids)
-    calls = [torch.arange(start, min(start + (args.rollout_batch_size or count), count))
-             for start in range(0, count, args.rollout_batch_size or count)]  # train_grpo's --rollout-batch-size
     with distributed.gathered(policy), lora.rollout_weights(policy, "merged"), autocast(device, precision):
         parts = [engine.generate(select(prompts, rows), args.group_size, sampling, generator).to("cpu")
-                 for rows in calls]
+                 for rows in train_grpo.chunks(torch.arange(count), args.rollout_batch_size or count)]
     rollout = concat_rollouts(parts, pad_token_id=0).to(device)
     result |= {"rollout_gib": peak_gib(device), "rollout_s": time.perf_counter() - started}
 
